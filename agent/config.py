@@ -1,0 +1,298 @@
+"""Configuration: ``config.yaml`` plus environment overrides, validated into frozen objects.
+
+This is the only module that reads YAML or the environment. Every other component receives
+the typed section it needs. Unknown keys and bad values stop start-up with a message that
+names the key (``vad.threshold: must be <= 1, got 2``), never a stack trace deep in a stage.
+
+Environment overrides follow ``VOXTRAL_RTC_<SECTION>__<KEY>=value``; the value is parsed as
+YAML so ``0.4``, ``true`` and ``[127.0.0.1]`` get their natural types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from agent.errors import ConfigError
+
+ENV_PREFIX = "VOXTRAL_RTC_"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: Folder holding the browser client; empty means the ``web/`` folder of the checkout.
+    web_dir: str = ""
+    #: Largest request body accepted by the signalling routes, in bytes.
+    max_body_bytes: int = 262_144
+
+    def validate(self) -> None:
+        _check(1 <= self.port <= 65535, "server.port", f"must be 1..65535, got {self.port}")
+        _check(self.max_body_bytes >= 1024, "server.max_body_bytes", "must be >= 1024")
+
+    @property
+    def web_path(self) -> Path:
+        return Path(self.web_dir) if self.web_dir else REPO_ROOT / "web"
+
+
+@dataclass(frozen=True)
+class IceServer:
+    urls: tuple[str, ...] = ()
+    username: str = ""
+    credential: str = ""
+
+    def validate(self) -> None:
+        _check(bool(self.urls), "webrtc.ice_servers.urls", "must name at least one URL")
+        for url in self.urls:
+            _check(
+                url.split(":", 1)[0] in ("stun", "stuns", "turn", "turns"),
+                "webrtc.ice_servers.urls",
+                f"must start with stun:, stuns:, turn: or turns:, got {url!r}",
+            )
+
+
+@dataclass(frozen=True)
+class WebRTCConfig:
+    #: IP addresses the server gathers ICE host candidates on; empty means every interface.
+    host_addresses: tuple[str, ...] = ()
+    #: STUN/TURN servers used by the server and handed to the page through ``/api/config``.
+    ice_servers: tuple[IceServer, ...] = ()
+    #: Label of the data channel carrying the OpenAI Realtime events.
+    data_channel: str = "oai-events"
+
+    def validate(self) -> None:
+        for addr in self.host_addresses:
+            try:
+                ipaddress.ip_address(addr)
+            except ValueError:
+                raise ConfigError(
+                    f"webrtc.host_addresses: {addr!r} is not an IP address"
+                ) from None
+        for server in self.ice_servers:
+            server.validate()
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    #: A call with no audio frame for this long is closed (its open utterance is flushed first).
+    idle_timeout_s: float = 10.0
+
+    def validate(self) -> None:
+        _check(self.idle_timeout_s > 0, "audio.idle_timeout_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class VadConfig:
+    kind: Literal["silero", "energy"] = "silero"
+    #: Speech probability at which speech starts (Silero); ends below ``threshold - 0.15``.
+    threshold: float = 0.5
+    #: RMS level treated as speech by the energy VAD (float samples in [-1, 1]).
+    energy_threshold: float = 0.01
+    #: Path of a Silero ONNX file; empty means the copy bundled with faster-whisper.
+    model_path: str = ""
+
+    def validate(self) -> None:
+        _check(0 < self.threshold < 1, "vad.threshold", f"must be in (0, 1), got {self.threshold}")
+        _check(0 < self.energy_threshold < 1, "vad.energy_threshold", "must be in (0, 1)")
+        if self.model_path:
+            _check(Path(self.model_path).is_file(), "vad.model_path", "file does not exist")
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    min_speech_ms: int = 100
+    min_silence_ms: int = 200
+    prefix_padding_ms: int = 300
+    max_utterance_s: float = 30.0
+
+    def validate(self) -> None:
+        _check(self.min_speech_ms >= 0, "segmenter.min_speech_ms", "must be >= 0")
+        _check(self.min_silence_ms >= 32, "segmenter.min_silence_ms", "must be >= 32")
+        _check(self.prefix_padding_ms >= 0, "segmenter.prefix_padding_ms", "must be >= 0")
+        _check(
+            1.0 <= self.max_utterance_s <= 30.0,
+            "segmenter.max_utterance_s",
+            f"must be in [1, 30] (the engines' window), got {self.max_utterance_s}",
+        )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    kind: Literal["embedded", "voxtral"] = "embedded"
+    #: Model folder or hub id; empty means the engine's default.
+    model: str = ""
+    #: ``auto`` picks CUDA when present.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: Language code, or empty for the model's default / detection.
+    language: str = ""
+    beam_size: int = 5
+    temperature: float = 0.0
+    #: Threads the embedded engine's CTranslate2 backend uses.
+    cpu_threads: int = 1
+    #: Most utterances decoded in one forward, and longest wait to fill a batch.
+    max_batch: int = 8
+    max_wait_ms: int = 5
+    #: Utterances waiting for the engine beyond this are failed at once (``queue_full``).
+    max_queue: int = 256
+
+    def validate(self) -> None:
+        _check(1 <= self.beam_size <= 16, "engine.beam_size", "must be 1..16")
+        _check(self.temperature >= 0, "engine.temperature", "must be >= 0")
+        _check(self.cpu_threads >= 1, "engine.cpu_threads", "must be >= 1")
+        _check(1 <= self.max_batch <= 256, "engine.max_batch", "must be 1..256")
+        _check(0 <= self.max_wait_ms <= 1000, "engine.max_wait_ms", "must be 0..1000")
+        _check(self.max_queue >= 1, "engine.max_queue", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    #: Events waiting for the data channel to open; older ones are dropped past this.
+    event_queue: int = 256
+    max_calls: int = 64
+
+    def validate(self) -> None:
+        _check(self.event_queue >= 8, "limits.event_queue", "must be >= 8")
+        _check(self.max_calls >= 1, "limits.max_calls", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    webrtc: WebRTCConfig = field(default_factory=WebRTCConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    vad: VadConfig = field(default_factory=VadConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+
+    def replace(self, section: str, **values: Any) -> Config:
+        """A copy with some keys of one section changed (validated like a file would be)."""
+        updated = dataclasses.replace(getattr(self, section), **values)
+        cfg = dataclasses.replace(self, **{section: updated})
+        cfg.validate()
+        return cfg
+
+
+def load_config(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Read ``path`` (or the defaults), apply environment overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raw = loaded or {}
+    _apply_env(raw, os.environ if environ is None else environ)
+    cfg = _build(Config, raw, "")
+    assert isinstance(cfg, Config)
+    cfg.validate()
+    return cfg
+
+
+def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        section, sep, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        if not sep or not key:
+            raise ConfigError(f"{name}: expected {ENV_PREFIX}<SECTION>__<KEY>")
+        target = raw.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{section}: must be a mapping")
+        try:
+            target[key] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            target[key] = value
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            name = f"{where}.{key}" if where else str(key)
+            raise ConfigError(f"{name}: unknown key (known: {', '.join(sorted(known))})")
+    values = {}
+    for key, value in raw.items():
+        name = f"{where}.{key}" if where else key
+        values[key] = _coerce(hints[key], value, name)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, name: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        return _build(hint, value if value is not None else {}, name)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{name}: must be one of {', '.join(map(str, allowed))}, got {value!r}")
+        return value
+    if origin is tuple:
+        item_hint = typing.get_args(hint)[0]
+        if value is None:
+            return ()
+        if isinstance(value, str) and item_hint is str:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: must be a list, got {type(value).__name__}")
+        return tuple(_coerce(item_hint, v, f"{name}[{i}]") for i, v in enumerate(value))
+    if origin in (types.UnionType, typing.Union):
+        raise ConfigError(f"{name}: unsupported type")  # pragma: no cover - not used
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{name}: must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ConfigError(f"{name}: must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{name}: unsupported type {hint!r}")  # pragma: no cover
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
