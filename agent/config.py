@@ -38,7 +38,7 @@ class ServerConfig:
     max_body_bytes: int = 262_144
 
     def validate(self) -> None:
-        _check(1 <= self.port <= 65535, "server.port", f"must be 1..65535, got {self.port}")
+        _check(0 <= self.port <= 65535, "server.port", f"must be 0..65535 (0: any free port), got {self.port}")
         _check(self.max_body_bytes >= 1024, "server.max_body_bytes", "must be >= 1024")
 
     @property

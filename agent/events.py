@@ -1,0 +1,216 @@
+"""The data-channel wire format: OpenAI Realtime transcription events, both directions.
+
+Server events are built by small functions returning plain dicts ready for ``json.dumps``;
+each gets a unique ``event_id``. Our additions live only in extra fields (``timings``,
+``language``), never as new meanings of standard ones. Client messages are parsed into
+frozen dataclasses; anything malformed raises ``ProtocolError`` which the session turns
+into an ``error`` event while the call goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from agent.errors import ProtocolError
+
+Event = dict[str, Any]
+
+TRANSCRIPTION = "conversation.item.input_audio_transcription"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:20]}"
+
+
+def _event(type_: str, **fields: Any) -> Event:
+    return {"type": type_, "event_id": new_id("event"), **fields}
+
+
+def session_created(session: dict[str, Any]) -> Event:
+    return _event("session.created", session=session)
+
+
+def session_updated(session: dict[str, Any]) -> Event:
+    return _event("session.updated", session=session)
+
+
+def speech_started(item_id: str, audio_start_ms: int) -> Event:
+    return _event(
+        "input_audio_buffer.speech_started", item_id=item_id, audio_start_ms=audio_start_ms
+    )
+
+
+def speech_stopped(item_id: str, audio_end_ms: int) -> Event:
+    return _event("input_audio_buffer.speech_stopped", item_id=item_id, audio_end_ms=audio_end_ms)
+
+
+def committed(item_id: str, previous_item_id: str | None) -> Event:
+    return _event(
+        "input_audio_buffer.committed", item_id=item_id, previous_item_id=previous_item_id
+    )
+
+
+def cleared() -> Event:
+    return _event("input_audio_buffer.cleared")
+
+
+def transcription_delta(item_id: str, delta: str) -> Event:
+    return _event(f"{TRANSCRIPTION}.delta", item_id=item_id, content_index=0, delta=delta)
+
+
+def transcription_completed(
+    item_id: str, transcript: str, timings: dict[str, float], language: str | None = None
+) -> Event:
+    event = _event(
+        f"{TRANSCRIPTION}.completed",
+        item_id=item_id,
+        content_index=0,
+        transcript=transcript,
+        timings={k: round(v, 1) for k, v in timings.items()},
+    )
+    if language:
+        event["language"] = language
+    return event
+
+
+def transcription_failed(item_id: str, code: str, message: str) -> Event:
+    return _event(
+        f"{TRANSCRIPTION}.failed",
+        item_id=item_id,
+        content_index=0,
+        error={"type": "transcription_error", "code": code, "message": message},
+    )
+
+
+def error(code: str, message: str, type_: str = "invalid_request_error", **extra: Any) -> Event:
+    body: dict[str, Any] = {"type": type_, "code": code, "message": message}
+    body.update(extra)
+    return _event("error", error=body)
+
+
+# -- client -> server ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TurnDetection:
+    threshold: float | None = None
+    prefix_padding_ms: int | None = None
+    silence_duration_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class SessionUpdate:
+    event_id: str | None
+    #: ``None`` = not mentioned; ``""`` = back to the default / detection.
+    language: str | None = None
+    prompt: str | None = None
+    #: True when the message set ``turn_detection: null`` (client-driven commits).
+    turn_detection_off: bool = False
+    turn_detection: TurnDetection | None = None
+
+
+@dataclass(frozen=True)
+class Commit:
+    event_id: str | None
+
+
+@dataclass(frozen=True)
+class Clear:
+    event_id: str | None
+
+
+ClientEvent = SessionUpdate | Commit | Clear
+
+MAX_CLIENT_MESSAGE = 65_536
+
+
+def parse_client_event(raw: str | bytes) -> ClientEvent:
+    """Parse one data-channel message. Raises ``ProtocolError`` with an OpenAI-style code."""
+    if len(raw) > MAX_CLIENT_MESSAGE:
+        raise ProtocolError("message larger than 64 KiB", code="message_too_large")
+    try:
+        msg = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("message is not valid JSON", code="invalid_json") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError("message must be a JSON object", code="invalid_json")
+    type_ = msg.get("type")
+    event_id = msg.get("event_id")
+    if event_id is not None and not isinstance(event_id, str):
+        raise ProtocolError("event_id must be a string", code="invalid_value")
+    if type_ == "input_audio_buffer.commit":
+        return Commit(event_id)
+    if type_ == "input_audio_buffer.clear":
+        return Clear(event_id)
+    if type_ in ("session.update", "transcription_session.update"):
+        return _parse_session_update(msg, event_id)
+    if not isinstance(type_, str):
+        raise ProtocolError("missing string field 'type'", code="missing_required_parameter")
+    raise ProtocolError(f"unsupported event type {type_!r}", code="unknown_event_type")
+
+
+def _parse_session_update(msg: dict[str, Any], event_id: str | None) -> SessionUpdate:
+    session = msg.get("session")
+    if not isinstance(session, dict):
+        raise ProtocolError("session.update needs an object 'session'", code="invalid_value")
+    # Both the transcription-session shape and the newer nested audio.input shape are met
+    # in the wild; accept either.
+    audio_input = session.get("audio", {}).get("input", {}) if isinstance(
+        session.get("audio"), dict
+    ) else {}
+    transcription = session.get("input_audio_transcription", audio_input.get("transcription"))
+    language = prompt = None
+    if transcription is not None:
+        if not isinstance(transcription, dict):
+            raise ProtocolError("input_audio_transcription must be an object", "invalid_value")
+        language = _opt_str(transcription, "language", max_len=16)
+        prompt = _opt_str(transcription, "prompt", max_len=2000)
+        if language and not language.replace("-", "").isalpha():
+            raise ProtocolError(f"language {language!r} is not a language code", "invalid_value")
+    key_present = "turn_detection" in session or "turn_detection" in audio_input
+    td_raw = session.get("turn_detection", audio_input.get("turn_detection"))
+    if key_present and td_raw is None:
+        return SessionUpdate(event_id, language, prompt, turn_detection_off=True)
+    turn = None
+    if td_raw is not None:
+        if not isinstance(td_raw, dict):
+            raise ProtocolError("turn_detection must be an object or null", "invalid_value")
+        kind = td_raw.get("type", "server_vad")
+        if kind != "server_vad":
+            raise ProtocolError(f"turn_detection type {kind!r} is not supported", "invalid_value")
+        turn = TurnDetection(
+            threshold=_opt_number(td_raw, "threshold", 0.01, 0.99),
+            prefix_padding_ms=_opt_int(td_raw, "prefix_padding_ms", 0, 5000),
+            silence_duration_ms=_opt_int(td_raw, "silence_duration_ms", 32, 10_000),
+        )
+    return SessionUpdate(event_id, language, prompt, turn_detection=turn)
+
+
+def _opt_str(obj: dict[str, Any], key: str, max_len: int) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > max_len:
+        raise ProtocolError(f"{key} must be a string of at most {max_len} chars", "invalid_value")
+    return value
+
+
+def _opt_number(obj: dict[str, Any], key: str, lo: float, hi: float) -> float | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise ProtocolError(f"{key} must be a number in [{lo}, {hi}]", "invalid_value")
+    return float(value)
+
+
+def _opt_int(obj: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ProtocolError(f"{key} must be an integer in [{lo}, {hi}]", "invalid_value")
+    return value

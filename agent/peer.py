@@ -1,0 +1,64 @@
+"""WebRTC quirks of aiortc/aioice, handled in one place, each with its reason.
+
+Nothing else in the project touches aioice internals or builds an ``RTCConfiguration``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import aioice.ice
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
+
+from agent.config import WebRTCConfig
+
+_original_get_host_addresses = aioice.ice.get_host_addresses
+
+
+def restrict_host_addresses(addresses: Sequence[str]) -> None:
+    """Gather ICE host candidates only on ``addresses`` (empty: every interface).
+
+    aioice reads the machine's interfaces and always leaves 127.0.0.1 out, so a loopback-only
+    test (or a network namespace with only ``lo``) gathers nothing; and a server with several
+    interfaces may need to offer just its public or NAT 1:1 address. aioice exposes no option
+    for this, so its module-level lookup is replaced, process-wide, by a fixed list.
+    """
+    chosen = list(addresses)
+    if not chosen:
+        aioice.ice.get_host_addresses = _original_get_host_addresses
+        return
+
+    def _chosen(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return [a for a in chosen if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
+
+    aioice.ice.get_host_addresses = _chosen
+
+
+def rtc_configuration(config: WebRTCConfig) -> RTCConfiguration:
+    """The peer configuration with the configured STUN/TURN servers.
+
+    An explicit empty list matters: given ``None``, aiortc falls back to Google's public STUN
+    server, which would send traffic off the machine without the operator asking for it.
+    """
+    servers = [
+        RTCIceServer(urls=list(s.urls), username=s.username or None, credential=s.credential or None)
+        for s in config.ice_servers
+    ]
+    return RTCConfiguration(iceServers=servers)
+
+
+def new_peer_connection(config: WebRTCConfig) -> RTCPeerConnection:
+    return RTCPeerConnection(configuration=rtc_configuration(config))
+
+
+def ice_servers_for_browser(config: WebRTCConfig) -> list[dict[str, object]]:
+    """The ``iceServers`` list the page passes to ``new RTCPeerConnection``."""
+    out: list[dict[str, object]] = []
+    for s in config.ice_servers:
+        entry: dict[str, object] = {"urls": list(s.urls)}
+        if s.username:
+            entry["username"] = s.username
+        if s.credential:
+            entry["credential"] = s.credential
+        out.append(entry)
+    return out

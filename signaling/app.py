@@ -1,0 +1,157 @@
+"""Application factory and the server's shared state: engine worker, VAD, calls.
+
+Start-up order: the HTTP listener comes up at once (``/healthz`` answers, ``/readyz`` says
+"loading"), then the engine is loaded and warmed up on its worker thread; only then is the
+server ready and offers are accepted. Shutdown closes every call (flushing open utterances),
+then the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Literal
+
+from aiohttp import web
+
+from agent.config import Config
+from agent.engines.base import Engine
+from agent.engines.worker import EngineWorker
+from agent.errors import EngineLoadError
+from agent.peer import restrict_host_addresses
+from agent.session import CallSession, SessionDeps
+from agent.vad import Vad, create_vad
+from signaling.errors import error_middleware
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class ServerState:
+    """Everything the routes share. Lives in the app, never in module globals."""
+
+    config: Config
+    status: Literal["loading", "ready", "failed", "stopping"] = "loading"
+    error: str | None = None
+    worker: EngineWorker | None = None
+    vad: Vad | None = None
+    executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="vad")
+    )
+    calls: dict[str, CallSession] = field(default_factory=dict)
+
+    async def load(self, engine: Engine | None = None) -> None:
+        """Load the VAD and the engine (or use ``engine``), warm up, become ready."""
+        try:
+            loop = asyncio.get_running_loop()
+            self.vad = await loop.run_in_executor(self.executor, create_vad, self.config.vad)
+            self.worker = await EngineWorker.start(self.config.engine, engine)
+        except EngineLoadError as exc:
+            self.status, self.error = "failed", str(exc)
+            raise
+        except Exception as exc:
+            self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            raise EngineLoadError(self.error) from exc
+        self.status = "ready"
+        log.info("engine %s ready", self.worker.engine.name)
+
+    def deps(self) -> SessionDeps:
+        assert self.worker is not None and self.vad is not None
+        return SessionDeps(self.config, self.worker, self.vad, self.executor)
+
+    def add_call(self, pc_id: str, session: CallSession) -> None:
+        self.calls[pc_id] = session
+
+    def forget(self, session: CallSession) -> None:
+        for pc_id, known in list(self.calls.items()):
+            if known is session:
+                del self.calls[pc_id]
+
+    async def close(self) -> None:
+        self.status = "stopping"
+        sessions = list(self.calls.values())
+        if sessions:
+            await asyncio.gather(*(s.close("server_shutdown") for s in sessions))
+        if self.worker is not None:
+            await self.worker.close()
+        self.executor.shutdown(wait=True)
+
+
+STATE: web.AppKey[ServerState] = web.AppKey("state", ServerState)
+
+
+def create_app(config: Config) -> web.Application:
+    from signaling.routes import setup_routes
+
+    restrict_host_addresses(config.webrtc.host_addresses)
+    app = web.Application(
+        middlewares=[error_middleware], client_max_size=config.server.max_body_bytes
+    )
+    app[STATE] = ServerState(config)
+    setup_routes(app, config)
+    app.on_shutdown.append(_on_shutdown)
+    return app
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    await app[STATE].close()
+
+
+@dataclass
+class RunningServer:
+    """A started server: its runner, bound address and state (used by the CLI and tests)."""
+
+    app: web.Application
+    runner: web.AppRunner
+    host: str
+    port: int
+
+    @property
+    def state(self) -> ServerState:
+        return self.app[STATE]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_server(
+    config: Config, engine: Engine | None = None, wait_ready: bool = True
+) -> RunningServer:
+    """Listen on ``server.host:server.port`` (port 0 picks a free one), then load the engine.
+
+    With ``wait_ready`` the engine load is awaited and its failure raised (and the listener
+    closed); without it, loading continues in the background and ``/readyz`` reports it.
+    """
+    app = create_app(config)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, config.server.host, config.server.port)
+    await site.start()
+    server = site._server
+    assert server is not None and hasattr(server, "sockets")
+    port = server.sockets[0].getsockname()[1]
+    running = RunningServer(app, runner, config.server.host, port)
+    load = running.state.load(engine)
+    if wait_ready:
+        try:
+            await load
+        except BaseException:
+            await runner.cleanup()
+            raise
+    else:
+        task = asyncio.create_task(load, name="engine-load")
+        app.on_cleanup.append(lambda _app: _cancel(task))
+    return running
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
