@@ -144,8 +144,11 @@ class RealtimeClient:
         await asyncio.wait_for(self._opened.wait(), 20)
 
     def send(self, event: dict[str, Any]) -> None:
+        self.send_raw(json.dumps(event))
+
+    def send_raw(self, text: str) -> None:
         assert self.channel is not None
-        self.channel.send(json.dumps(event))
+        self.channel.send(text)
 
     async def next_event(self, type_: str | None = None, timeout: float = 30.0) -> ReceivedEvent:
         """The next event (of ``type_`` if given; others are skipped but kept in ``received``)."""

@@ -1,0 +1,185 @@
+"""A real aiortc client calls the server over loopback with real Opus and real speech."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.engines.base import Engine, EngineRequest, EngineResult
+from signaling.app import RunningServer, start_server
+from signaling.client import ArrayAudioTrack, RealtimeClient
+from tests.conftest import BECKETT_PHRASES, BECKETT_REGIONS, make_config, normalise
+
+COMPLETED = "conversation.item.input_audio_transcription.completed"
+FAILED = "conversation.item.input_audio_transcription.failed"
+
+
+async def collect(client: RealtimeClient, n: int, timeout: float = 40.0) -> None:
+    """Wait until ``n`` completed-or-failed events have arrived."""
+    done = 0
+    while done < n:
+        ev = await client.next_event(timeout=timeout)
+        done += ev.type in (COMPLETED, FAILED)
+
+
+async def test_beckett_six_phrases_with_times(
+    server: RunningServer, beckett_audio: npt.NDArray[np.float32]
+) -> None:
+    async with RealtimeClient(server.url) as client:
+        await client.connect(ArrayAudioTrack(beckett_audio))
+        await collect(client, 6)
+        types = [r.type for r in client.received]
+        assert types[0] == "session.created"  # queued before the channel existed
+        completed = client.of_type(COMPLETED)
+        assert [normalise(c["transcript"]) for c in completed] == BECKETT_PHRASES
+        started = client.of_type("input_audio_buffer.speech_started")
+        stopped = client.of_type("input_audio_buffer.speech_stopped")
+        assert len(started) == len(stopped) == 6
+        for s, e, (ref_start, ref_end) in zip(started, stopped, BECKETT_REGIONS, strict=True):
+            assert abs(s["audio_start_ms"] - ref_start * 1000) <= 150, (s, ref_start)
+            assert abs(e["audio_end_ms"] - ref_end * 1000) <= 150, (e, ref_end)
+        # Per item: started -> stopped -> committed -> completed, chained by previous_item_id.
+        previous = None
+        for s, c in zip(started, completed, strict=True):
+            item = s["item_id"]
+            order = [
+                r.type for r in client.received if r.event.get("item_id") == item
+            ]
+            assert order == [
+                "input_audio_buffer.speech_started",
+                "input_audio_buffer.speech_stopped",
+                "input_audio_buffer.committed",
+                COMPLETED,
+            ]
+            committed = next(
+                r.event for r in client.received
+                if r.type == "input_audio_buffer.committed" and r.event["item_id"] == item
+            )
+            assert committed["previous_item_id"] == previous
+            previous = item
+            assert c["item_id"] == item
+            assert set(c["timings"]) >= {"speech_end_ms", "vad_ms", "queue_ms", "engine_ms"}
+            assert c["timings"]["engine_ms"] > 0
+        ids = [r.event["event_id"] for r in client.received]
+        assert len(ids) == len(set(ids))
+
+
+async def test_malformed_data_channel_message_gets_error_and_call_goes_on(
+    server: RunningServer, beckett_audio: npt.NDArray[np.float32]
+) -> None:
+    async with RealtimeClient(server.url) as client:
+        await client.connect(ArrayAudioTrack(beckett_audio[: 16000 * 3]))
+        client.send_raw("{not json")
+        err = await client.next_event("error", timeout=10)
+        assert err.event["error"]["code"] == "invalid_json"
+        client.send({"type": "response.create"})
+        err = await client.next_event("error", timeout=10)
+        assert err.event["error"]["code"] == "unknown_event_type"
+        # Still alive: a valid update is applied and the speech is still transcribed.
+        client.send(
+            {"type": "session.update", "session": {"turn_detection": {"silence_duration_ms": 300}}}
+        )
+        upd = await client.next_event("session.updated", timeout=10)
+        assert upd.event["session"]["turn_detection"]["silence_duration_ms"] == 300
+        done = await client.next_event(COMPLETED, timeout=30)
+        assert normalise(done.event["transcript"]) == "ever tried"
+
+
+async def test_client_driven_commit(
+    server: RunningServer, beckett_audio: npt.NDArray[np.float32]
+) -> None:
+    async with RealtimeClient(server.url) as client:
+        await client.connect(ArrayAudioTrack(beckett_audio[: int(16000 * 1.6)]))
+        client.send({"type": "session.update", "session": {"turn_detection": None}})
+        upd = await client.next_event("session.updated", timeout=10)
+        assert upd.event["session"]["turn_detection"] is None
+        await asyncio.sleep(2.0)
+        assert not client.of_type("input_audio_buffer.speech_started")
+        client.send({"type": "input_audio_buffer.commit"})
+        committed = await client.next_event("input_audio_buffer.committed", timeout=10)
+        done = await client.next_event(COMPLETED, timeout=30)
+        assert done.event["item_id"] == committed.event["item_id"]
+        assert "ever tried" in normalise(done.event["transcript"])
+        # An empty buffer cannot be committed twice.
+        client.send({"type": "input_audio_buffer.clear"})
+        await client.next_event("input_audio_buffer.cleared", timeout=10)
+
+
+async def test_commit_without_speech_is_an_error(server: RunningServer) -> None:
+    silence = np.zeros(16000, np.float32)
+    async with RealtimeClient(server.url) as client:
+        await client.connect(ArrayAudioTrack(silence))
+        client.send({"type": "input_audio_buffer.commit"})
+        err = await client.next_event("error", timeout=10)
+        assert err.event["error"]["code"] == "input_audio_buffer_commit_empty"
+
+
+class FailSecond(Engine):
+    """A fake at the engine seam: the real embedded engine, except the 2nd utterance fails."""
+
+    name = "fail-second"
+
+    def __init__(self, inner: Engine) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    def warmup(self) -> None:
+        pass
+
+    def transcribe(self, batch: Sequence[EngineRequest]) -> list[EngineResult]:
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("simulated engine fault")
+        return self.inner.transcribe(batch)
+
+
+async def test_engine_error_fails_one_item_and_call_goes_on(
+    embedded_engine: Engine, beckett_audio: npt.NDArray[np.float32]
+) -> None:
+    server = await start_server(make_config(), engine=FailSecond(embedded_engine))
+    try:
+        async with RealtimeClient(server.url) as client:
+            await client.connect(ArrayAudioTrack(beckett_audio[: int(16000 * 4.6)]))
+            await collect(client, 3)
+            outcome = [
+                (r.type, normalise(r.event.get("transcript", "")))
+                for r in client.received
+                if r.type in (COMPLETED, FAILED)
+            ]
+            assert outcome == [
+                (COMPLETED, "ever tried"),
+                (FAILED, ""),
+                (COMPLETED, "no matter"),
+            ]
+            failed = client.of_type(FAILED)[0]
+            assert failed["error"]["code"] == "engine_error"
+            assert "simulated engine fault" in failed["error"]["message"]
+    finally:
+        await server.stop()
+
+
+async def test_close_mid_utterance_flushes_it_to_the_engine(
+    server: RunningServer, beckett_audio: npt.NDArray[np.float32]
+) -> None:
+    before = server.state.worker.completed
+    track = ArrayAudioTrack(beckett_audio)
+    async with RealtimeClient(server.url) as client:
+        await client.connect(track)
+        await client.next_event(COMPLETED, timeout=30)  # "ever tried"
+        started = await client.next_event("input_audio_buffer.speech_started", timeout=10)
+        await asyncio.sleep(0.3)  # "ever failed" lasts 0.93 s: we hang up in the middle
+        # Stop sending first, so no later phrase can slip in while the peer closes.
+        track.stop()
+        item = started.event["item_id"]
+        assert not [e for e in client.of_type("input_audio_buffer.speech_stopped")
+                    if e["item_id"] == item]
+    # The client closed mid-phrase: the server must still transcribe that open utterance.
+    for _ in range(100):
+        if server.state.worker.completed >= before + 2 and not server.state.calls:
+            break
+        await asyncio.sleep(0.1)
+    assert server.state.worker.completed == before + 2
+    assert not server.state.calls

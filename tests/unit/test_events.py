@@ -1,0 +1,114 @@
+"""Wire format: server event shapes (OpenAI Realtime) and client message parsing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agent import events
+from agent.errors import ProtocolError
+
+
+def roundtrip(event: dict) -> dict:
+    return json.loads(json.dumps(event))
+
+
+def test_every_event_has_type_and_unique_event_id() -> None:
+    made = [
+        events.session_created({"id": "s"}),
+        events.speech_started("item_1", 350),
+        events.speech_stopped("item_1", 1220),
+        events.committed("item_1", None),
+        events.transcription_delta("item_1", "Ever"),
+        events.transcription_completed("item_1", "Ever tried.", {"engine_ms": 1.23}),
+        events.transcription_failed("item_1", "engine_error", "boom"),
+        events.error("invalid_json", "bad"),
+    ]
+    ids = [e["event_id"] for e in made]
+    assert len(set(ids)) == len(ids)
+    assert all(isinstance(e["type"], str) and e["event_id"].startswith("event_") for e in made)
+
+
+def test_shapes_match_openai_realtime() -> None:
+    e = roundtrip(events.speech_started("item_1", 350))
+    assert set(e) == {"type", "event_id", "item_id", "audio_start_ms"}
+    assert e["type"] == "input_audio_buffer.speech_started" and e["audio_start_ms"] == 350
+    e = roundtrip(events.speech_stopped("item_1", 1220))
+    assert set(e) == {"type", "event_id", "item_id", "audio_end_ms"}
+    assert e["type"] == "input_audio_buffer.speech_stopped" and e["audio_end_ms"] == 1220
+    e = roundtrip(events.committed("item_2", "item_1"))
+    assert e["type"] == "input_audio_buffer.committed"
+    assert (e["item_id"], e["previous_item_id"]) == ("item_2", "item_1")
+    e = roundtrip(events.transcription_delta("item_1", "Ever"))
+    assert e["type"] == "conversation.item.input_audio_transcription.delta"
+    assert (e["content_index"], e["delta"]) == (0, "Ever")
+    e = roundtrip(
+        events.transcription_completed(
+            "item_1", "Ever tried.", {"speech_end_ms": 1, "vad_ms": 2.04, "engine_ms": 3.06},
+            language="en",
+        )
+    )
+    assert e["type"] == "conversation.item.input_audio_transcription.completed"
+    assert e["transcript"] == "Ever tried." and e["content_index"] == 0
+    assert e["timings"] == {"speech_end_ms": 1, "vad_ms": 2.0, "engine_ms": 3.1}
+    assert e["language"] == "en"
+    e = roundtrip(events.transcription_failed("item_1", "engine_error", "boom"))
+    assert e["type"] == "conversation.item.input_audio_transcription.failed"
+    assert e["error"] == {"type": "transcription_error", "code": "engine_error", "message": "boom"}
+    e = roundtrip(events.error("invalid_json", "bad"))
+    assert e["type"] == "error"
+    assert e["error"] == {"type": "invalid_request_error", "code": "invalid_json", "message": "bad"}
+
+
+def test_parse_commit_clear_update() -> None:
+    assert isinstance(
+        events.parse_client_event('{"type": "input_audio_buffer.commit"}'), events.Commit
+    )
+    assert isinstance(
+        events.parse_client_event('{"type": "input_audio_buffer.clear", "event_id": "e1"}'),
+        events.Clear,
+    )
+    upd = events.parse_client_event(
+        json.dumps(
+            {
+                "type": "session.update",
+                "session": {
+                    "input_audio_transcription": {"language": "fr", "prompt": "Beckett"},
+                    "turn_detection": {
+                        "type": "server_vad", "threshold": 0.6, "prefix_padding_ms": 200,
+                        "silence_duration_ms": 500,
+                    },
+                },
+            }
+        )
+    )
+    assert isinstance(upd, events.SessionUpdate)
+    assert (upd.language, upd.prompt) == ("fr", "Beckett")
+    assert upd.turn_detection == events.TurnDetection(0.6, 200, 500)
+    off = events.parse_client_event('{"type": "session.update", "session": {"turn_detection": null}}')
+    assert isinstance(off, events.SessionUpdate) and off.turn_detection_off
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        ("not json", "invalid_json"),
+        ("[1, 2]", "invalid_json"),
+        ('{"no": "type"}', "missing_required_parameter"),
+        ('{"type": "response.create"}', "unknown_event_type"),
+        ('{"type": "session.update"}', "invalid_value"),
+        ('{"type": "session.update", "session": {"turn_detection": {"threshold": 3}}}',
+         "invalid_value"),
+        ('{"type": "session.update", "session": {"turn_detection": {"type": "semantic_vad"}}}',
+         "invalid_value"),
+        ('{"type": "session.update", "session": {"input_audio_transcription": {"language": 5}}}',
+         "invalid_value"),
+        ('{"type": "input_audio_buffer.commit", "event_id": 7}', "invalid_value"),
+        ("x" * 70_000, "message_too_large"),
+    ],
+)
+def test_malformed_client_messages(raw: str, code: str) -> None:
+    with pytest.raises(ProtocolError) as err:
+        events.parse_client_event(raw)
+    assert err.value.code == code

@@ -1,0 +1,173 @@
+"""The segmenter driven by scripted VAD probabilities: exact times, no audio model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agent.segmenter import (
+    Segmenter,
+    SegmenterOptions,
+    SpeechStarted,
+    SpeechStopped,
+    Utterance,
+)
+from agent.vad import WINDOW_MS, WINDOW_SAMPLES
+
+OPTS = SegmenterOptions(
+    threshold=0.5, min_speech_ms=100, min_silence_ms=200, prefix_padding_ms=300,
+    max_utterance_ms=30_000,
+)
+
+
+def run(probs: list[float], options: SegmenterOptions = OPTS, flush: bool = False) -> list:
+    """Push one window per probability; each window's samples hold its index (traceable)."""
+    seg = Segmenter(options)
+    out = []
+    for i, p in enumerate(probs):
+        out.extend(seg.push(np.full(WINDOW_SAMPLES, i, dtype=np.float32), p))
+    if flush:
+        out.extend(seg.flush())
+    return out
+
+
+def windows(ms: int) -> int:
+    return ms // WINDOW_MS
+
+
+def test_onset_reports_first_speech_window_after_min_speech() -> None:
+    probs = [0.0] * 20 + [0.9] * 10 + [0.0] * 10
+    evs = run(probs)
+    started = [e for e in evs if isinstance(e, SpeechStarted)]
+    assert started == [SpeechStarted(index=0, start_ms=20 * WINDOW_MS)]
+
+
+def test_hangover_then_stop_and_utterance() -> None:
+    probs = [0.0] * 20 + [0.9] * 10 + [0.0] * 10
+    evs = run(probs)
+    kinds = [type(e) for e in evs]
+    assert kinds == [SpeechStarted, SpeechStopped, Utterance]
+    stopped = evs[1]
+    assert stopped.end_ms == 30 * WINDOW_MS  # end of the last speech window
+    # 200 ms of silence = 7 windows of 32 ms (224 ms) before the stop is decided.
+    assert stopped.decided_ms - stopped.end_ms == 7 * WINDOW_MS
+    utt = evs[2]
+    assert utt.cut == "silence" and utt.start_ms == 20 * WINDOW_MS and utt.end_ms == 30 * WINDOW_MS
+
+
+def test_pre_roll_prepends_prefix_padding() -> None:
+    probs = [0.0] * 20 + [0.9] * 10 + [0.0] * 10
+    utt = [e for e in run(probs) if isinstance(e, Utterance)][0]
+    pre = -(-300 // WINDOW_MS)  # 10 windows of pre-roll (ceil(300 / 32))
+    assert utt.audio_start_ms == (20 - pre) * WINDOW_MS
+    first_window_index = utt.audio[0]
+    assert first_window_index == 20 - pre
+    # pre-roll + 10 speech windows + 7 hangover windows, in order, nothing lost
+    idx = utt.audio[::WINDOW_SAMPLES]
+    assert list(idx) == list(range(20 - pre, 20 + 10 + 7))
+
+
+def test_pre_roll_is_clipped_at_call_start() -> None:
+    probs = [0.0] * 2 + [0.9] * 10 + [0.0] * 10
+    utt = [e for e in run(probs) if isinstance(e, Utterance)][0]
+    assert utt.audio_start_ms == 0
+
+
+def test_short_blip_is_rejected_silently() -> None:
+    probs = [0.0] * 10 + [0.9] * 2 + [0.0] * 20  # 64 ms < min_speech 100 ms
+    assert run(probs) == []
+
+
+def test_blip_audio_becomes_pre_roll_of_next_speech() -> None:
+    probs = [0.0] * 10 + [0.9] * 2 + [0.0] * 3 + [0.9] * 10 + [0.0] * 10
+    evs = run(probs)
+    started = [e for e in evs if isinstance(e, SpeechStarted)]
+    # The blip and the speech are within min_silence: one region, onset at the blip.
+    assert started == [SpeechStarted(0, 10 * WINDOW_MS)]
+
+
+def test_hysteresis_keeps_speech_between_thresholds() -> None:
+    # 0.4 is below threshold (0.5) but above the end threshold (0.35): speech continues.
+    probs = [0.9] * 5 + [0.4] * 20 + [0.0] * 10
+    evs = run(probs)
+    stopped = [e for e in evs if isinstance(e, SpeechStopped)]
+    assert stopped[0].end_ms == 25 * WINDOW_MS
+
+
+def test_brief_pause_shorter_than_hangover_does_not_split() -> None:
+    probs = [0.9] * 10 + [0.0] * 5 + [0.9] * 10 + [0.0] * 10  # 160 ms pause < 200 ms
+    evs = run(probs)
+    assert sum(isinstance(e, Utterance) for e in evs) == 1
+
+
+def test_forced_cut_at_max_utterance() -> None:
+    opts = SegmenterOptions(prefix_padding_ms=0, max_utterance_ms=3200)
+    probs = [0.9] * 250 + [0.0] * 10  # 8 s of speech, 3.2 s limit
+    evs = run(probs, opts)
+    utts = [e for e in evs if isinstance(e, Utterance)]
+    assert [u.cut for u in utts] == ["max_length", "max_length", "silence"]
+    assert all(len(u.audio) <= 3200 * 16 for u in utts)
+    # Every speech window reaches an utterance exactly once across the cuts.
+    covered = np.concatenate([u.audio[::WINDOW_SAMPLES] for u in utts])
+    assert set(range(250)) <= set(covered.astype(int).tolist())
+    starts = [e for e in evs if isinstance(e, SpeechStarted)]
+    stops = [e for e in evs if isinstance(e, SpeechStopped)]
+    assert len(starts) == len(stops) == 3
+    assert [s.index for s in starts] == [0, 1, 2]
+
+
+def test_flush_hands_over_open_speech() -> None:
+    evs = run([0.0] * 5 + [0.9] * 10, flush=True)
+    assert [type(e) for e in evs] == [SpeechStarted, SpeechStopped, Utterance]
+    assert evs[-1].cut == "end_of_call"
+
+
+def test_flush_without_speech_gives_nothing() -> None:
+    assert run([0.0] * 30, flush=True) == []
+
+
+def test_manual_mode_accumulates_until_commit() -> None:
+    seg = Segmenter(SegmenterOptions(turn_detection=False))
+    for i in range(20):
+        assert seg.push(np.full(WINDOW_SAMPLES, i, np.float32), 0.9 if i % 2 else 0.0) == []
+    (utt,) = seg.commit()
+    assert isinstance(utt, Utterance) and utt.cut == "commit"
+    assert len(utt.audio) == 20 * WINDOW_SAMPLES
+    assert seg.commit() == []  # nothing left
+
+
+def test_commit_in_vad_mode_cuts_open_speech_only() -> None:
+    seg = Segmenter(OPTS)
+    for _ in range(5):
+        seg.push(np.zeros(WINDOW_SAMPLES, np.float32), 0.0)
+    assert seg.commit() == []
+    for _ in range(5):
+        seg.push(np.zeros(WINDOW_SAMPLES, np.float32), 0.9)
+    evs = seg.commit()
+    assert [type(e) for e in evs] == [SpeechStopped, Utterance]
+
+
+def test_clear_drops_open_speech() -> None:
+    seg = Segmenter(OPTS)
+    for _ in range(5):
+        seg.push(np.zeros(WINDOW_SAMPLES, np.float32), 0.9)
+    seg.clear()
+    evs = []
+    for _ in range(10):
+        evs += seg.push(np.zeros(WINDOW_SAMPLES, np.float32), 0.0)
+    assert evs == []
+    assert seg.flush() == []
+
+
+def test_update_changes_hangover() -> None:
+    seg = Segmenter(OPTS)
+    seg.update(SegmenterOptions(min_silence_ms=500))
+    evs = []
+    for p in [0.9] * 10 + [0.0] * 10:  # 320 ms of silence < 500 ms
+        evs += seg.push(np.zeros(WINDOW_SAMPLES, np.float32), p)
+    assert not any(isinstance(e, SpeechStopped) for e in evs)
+
+
+def test_wrong_window_size_is_rejected() -> None:
+    with pytest.raises(ValueError):
+        Segmenter(OPTS).push(np.zeros(100, np.float32), 0.5)
