@@ -42,6 +42,8 @@ class ServerState:
         default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="vad")
     )
     calls: dict[str, CallSession] = field(default_factory=dict)
+    #: The background engine load, when the server listens before it is ready.
+    load_task: asyncio.Task[None] | None = None
 
     async def load(self, engine: Engine | None = None) -> None:
         """Load the VAD and the engine (or use ``engine``), warm up, become ready."""
@@ -72,6 +74,10 @@ class ServerState:
 
     async def close(self) -> None:
         self.status = "stopping"
+        if self.load_task is not None:
+            self.load_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.load_task
         sessions = list(self.calls.values())
         if sessions:
             await asyncio.gather(*(s.close("server_shutdown") for s in sessions))
@@ -146,12 +152,5 @@ async def start_server(
             await runner.cleanup()
             raise
     else:
-        task = asyncio.create_task(load, name="engine-load")
-        app.on_cleanup.append(lambda _app: _cancel(task))
+        running.state.load_task = asyncio.create_task(load, name="engine-load")
     return running
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task

@@ -118,6 +118,9 @@ class RealtimeClient:
     async def connect(self, track: MediaStreamTrack | None, label: str = "oai-events") -> None:
         if track is not None:
             self.pc.addTrack(track)
+        else:
+            # An audio section with nothing sent on it: a muted or broken microphone.
+            self.pc.addTransceiver("audio", direction="sendonly")
         channel = self.pc.createDataChannel(label)
         self.channel = channel
         channel.on("open", self._opened.set)

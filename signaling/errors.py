@@ -62,7 +62,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
-        return await handler(request)
+        response = await handler(request)
+        if isinstance(response, web.HTTPException) and response.status >= 400:
+            raise response  # a returned (not raised) aiohttp error: same JSON shape
+        return response
     except ApiError as exc:
         return exc.response()
     except web.HTTPException as exc:

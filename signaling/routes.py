@@ -30,13 +30,19 @@ def setup_routes(app: web.Application, config: Config) -> None:
     app.router.add_get("/readyz", readyz)
     web_path = config.server.web_path
     if web_path.is_dir():
-        index = web_path / "index.html"
+        # Only the page's own files, by exact name: no directory walking, and /api/* paths
+        # keep their 405s instead of being swallowed by a catch-all static route.
+        files = {p.name: p for p in web_path.iterdir() if p.is_file()}
 
-        async def page(_request: web.Request) -> web.StreamResponse:
-            return web.FileResponse(index)
+        async def page_file(request: web.Request) -> web.StreamResponse:
+            name = request.match_info.get("name") or "index.html"
+            path = files.get(name)
+            if path is None:
+                raise ApiError(404, "not_found", f"no such page file: {name}")
+            return web.FileResponse(path)
 
-        app.router.add_get("/", page)
-        app.router.add_static("/", web_path, show_index=False)
+        app.router.add_get("/", page_file)
+        app.router.add_get("/{name}", page_file)
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -156,8 +162,11 @@ async def add_candidates(request: web.Request) -> web.Response:
             continue  # end-of-candidates marker
         try:
             candidate = candidate_from_sdp(line.removeprefix("candidate:"))
-        except (ValueError, IndexError) as exc:
-            raise ApiError(400, "invalid_candidate", f"candidates[{i}]: {exc}") from None
+        except (ValueError, IndexError, KeyError, AssertionError):
+            # aiortc's parser signals a malformed line with a bare assert, among others.
+            raise ApiError(
+                400, "invalid_candidate", f"candidates[{i}] is not an ICE candidate line"
+            ) from None
         mid, index = entry.get("sdp_mid"), entry.get("sdp_mline_index")
         candidate.sdpMid = mid if isinstance(mid, str) else None
         candidate.sdpMLineIndex = index if isinstance(index, int) else None
