@@ -51,6 +51,8 @@ class AudioInput:
             except MediaStreamError:
                 self.end_reason = "end_of_track"
                 break
+            if not isinstance(frame, av.AudioFrame):
+                continue  # an audio track only yields audio frames; this satisfies typing
             self.frames += 1
             now = time.perf_counter()
             for out in resampler.resample(frame):

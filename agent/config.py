@@ -38,7 +38,11 @@ class ServerConfig:
     max_body_bytes: int = 262_144
 
     def validate(self) -> None:
-        _check(0 <= self.port <= 65535, "server.port", f"must be 0..65535 (0: any free port), got {self.port}")
+        _check(
+            0 <= self.port <= 65535,
+            "server.port",
+            f"must be 0..65535 (0: any free port), got {self.port}",
+        )
         _check(self.max_body_bytes >= 1024, "server.max_body_bytes", "must be >= 1024")
 
     @property
@@ -76,9 +80,7 @@ class WebRTCConfig:
             try:
                 ipaddress.ip_address(addr)
             except ValueError:
-                raise ConfigError(
-                    f"webrtc.host_addresses: {addr!r} is not an IP address"
-                ) from None
+                raise ConfigError(f"webrtc.host_addresses: {addr!r} is not an IP address") from None
         for server in self.ice_servers:
             server.validate()
 
@@ -160,10 +162,28 @@ class LimitsConfig:
     #: Events waiting for the data channel to open; older ones are dropped past this.
     event_queue: int = 256
     max_calls: int = 64
+    #: Largest audio file accepted for file transcription (upload, base64 or URL), in bytes.
+    max_upload_bytes: int = 104_857_600
+    #: Longest decoded audio accepted for file transcription, in seconds (16 kHz mono
+    #: float32 costs 230 MB per hour of audio while it is transcribed).
+    max_audio_s: float = 7200.0
+    #: File transcriptions running at once; more get 503 + Retry-After.
+    max_file_jobs: int = 2
+    #: Whole-fetch deadline for ``file_url`` downloads (all redirects included).
+    url_timeout_s: float = 30.0
+    #: Redirects followed for ``file_url``; each hop's scheme and addresses are re-checked.
+    url_max_redirects: int = 5
+    #: Let ``file_url`` reach private, loopback and link-local addresses (SSRF guard off).
+    allow_private_urls: bool = False
 
     def validate(self) -> None:
         _check(self.event_queue >= 8, "limits.event_queue", "must be >= 8")
         _check(self.max_calls >= 1, "limits.max_calls", "must be >= 1")
+        _check(self.max_upload_bytes >= 1024, "limits.max_upload_bytes", "must be >= 1024")
+        _check(self.max_audio_s >= 1, "limits.max_audio_s", "must be >= 1")
+        _check(self.max_file_jobs >= 1, "limits.max_file_jobs", "must be >= 1")
+        _check(self.url_timeout_s > 0, "limits.url_timeout_s", "must be > 0")
+        _check(0 <= self.url_max_redirects <= 20, "limits.url_max_redirects", "must be 0..20")
 
 
 @dataclass(frozen=True)
@@ -198,9 +218,7 @@ class Config:
         return cfg
 
 
-def load_config(
-    path: str | Path | None = None, environ: Mapping[str, str] | None = None
-) -> Config:
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Read ``path`` (or the defaults), apply environment overrides, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
@@ -261,7 +279,9 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     if origin is Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:
-            raise ConfigError(f"{name}: must be one of {', '.join(map(str, allowed))}, got {value!r}")
+            raise ConfigError(
+                f"{name}: must be one of {', '.join(map(str, allowed))}, got {value!r}"
+            )
         return value
     if origin is tuple:
         item_hint = typing.get_args(hint)[0]

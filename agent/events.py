@@ -158,9 +158,9 @@ def _parse_session_update(msg: dict[str, Any], event_id: str | None) -> SessionU
         raise ProtocolError("session.update needs an object 'session'", code="invalid_value")
     # Both the transcription-session shape and the newer nested audio.input shape are met
     # in the wild; accept either.
-    audio_input = session.get("audio", {}).get("input", {}) if isinstance(
-        session.get("audio"), dict
-    ) else {}
+    audio_input = (
+        session.get("audio", {}).get("input", {}) if isinstance(session.get("audio"), dict) else {}
+    )
     transcription = session.get("input_audio_transcription", audio_input.get("transcription"))
     language = prompt = None
     if transcription is not None:

@@ -41,7 +41,9 @@ def rtc_configuration(config: WebRTCConfig) -> RTCConfiguration:
     server, which would send traffic off the machine without the operator asking for it.
     """
     servers = [
-        RTCIceServer(urls=list(s.urls), username=s.username or None, credential=s.credential or None)
+        RTCIceServer(
+            urls=list(s.urls), username=s.username or None, credential=s.credential or None
+        )
         for s in config.ice_servers
     ]
     return RTCConfiguration(iceServers=servers)

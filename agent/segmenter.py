@@ -84,6 +84,16 @@ SegmenterEvent = SpeechStarted | SpeechStopped | Utterance
 
 
 class Segmenter:
+    # The open speech region, (re)set by _reset_region.
+    _active: bool
+    _confirmed: bool
+    _index: int
+    _audio: list[npt.NDArray[np.float32]]
+    _audio_start_ms: int
+    _onset_ms: int
+    _last_speech_end_ms: int
+    _silence_run_ms: int
+
     def __init__(self, options: SegmenterOptions) -> None:
         self.options = options
         self._clock_ms = 0
@@ -220,7 +230,7 @@ class Segmenter:
         self._active = False
         self._confirmed = False
         self._index = -1
-        self._audio: list[npt.NDArray[np.float32]] = []
+        self._audio = []
         self._audio_start_ms = 0
         self._onset_ms = 0
         self._last_speech_end_ms = 0

@@ -33,7 +33,13 @@ from agent.detector import SpeechDetector
 from agent.engines.base import EngineRequest
 from agent.engines.worker import EngineWorker
 from agent.errors import EngineError, ProtocolError
-from agent.segmenter import SegmenterEvent, SegmenterOptions, SpeechStarted, SpeechStopped, Utterance
+from agent.segmenter import (
+    SegmenterEvent,
+    SegmenterOptions,
+    SpeechStarted,
+    SpeechStopped,
+    Utterance,
+)
 from agent.vad import Vad
 
 log = logging.getLogger(__name__)
@@ -249,9 +255,7 @@ class CallSession:
             # From the end-of-speech decision to this event leaving the server.
             "server_ms": (time.perf_counter() - decided_at) * 1000,
         }
-        self._send(
-            events.transcription_completed(item_id, result.text, timings, result.language)
-        )
+        self._send(events.transcription_completed(item_id, result.text, timings, result.language))
 
     async def _drain(self) -> None:
         pending = [t for t in self._tasks if not t.done()]

@@ -29,9 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = load_config(args.config)
-        overrides = {
-            k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None
-        }
+        overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
         if overrides:
             config = config.replace("server", **overrides)
     except ConfigError as exc:
@@ -60,8 +58,11 @@ async def _serve(config: Config) -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", config.server.host, config.server.port, exc)
         return 1
-    log.info("serving on %s (engine %s)", server.url, server.state.worker.engine.name
-             if server.state.worker else "?")
+    log.info(
+        "serving on %s (engine %s)",
+        server.url,
+        server.state.worker.engine.name if server.state.worker else "?",
+    )
     await stop.wait()
     log.info("shutting down")
     await server.stop()

@@ -11,7 +11,6 @@ import fractions
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,21 +20,13 @@ import numpy.typing as npt
 from aiortc import RTCDataChannel, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from agent.audio_file import read_audio
 from agent.config import WebRTCConfig
 from agent.peer import rtc_configuration
 
 FRAME_MS = 20
 
-
-def read_audio(path: str | Path, rate: int = 16_000) -> npt.NDArray[np.float32]:
-    """Decode any file PyAV reads into mono float32 at ``rate``."""
-    with av.open(str(path)) as container:
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-        chunks = []
-        for frame in container.decode(audio=0):
-            chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
-        chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
-    return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+__all__ = ["ArrayAudioTrack", "RealtimeClient", "ReceivedEvent", "read_audio"]
 
 
 class ArrayAudioTrack(MediaStreamTrack):

@@ -16,6 +16,7 @@ from agent.peer import ice_servers_for_browser, new_peer_connection
 from agent.session import CallSession
 from signaling.app import STATE, ServerState
 from signaling.errors import ApiError
+from signaling.transcriptions import setup_transcription_routes
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ def setup_routes(app: web.Application, config: Config) -> None:
     app.router.add_get("/api/config", page_config)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    setup_transcription_routes(app)
     web_path = config.server.web_path
     if web_path.is_dir():
         # Only the page's own files, by exact name: no directory walking, and /api/* paths
@@ -46,9 +48,10 @@ def setup_routes(app: web.Application, config: Config) -> None:
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
-    if request.content_length is not None and request.content_length > request.app[
-        STATE
-    ].config.server.max_body_bytes:
+    if (
+        request.content_length is not None
+        and request.content_length > request.app[STATE].config.server.max_body_bytes
+    ):
         raise ApiError(413, "request_too_large", "request body too large")
     raw = await request.read()
     try:

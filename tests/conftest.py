@@ -15,10 +15,22 @@ from agent.engines.base import Engine
 
 DATA = Path(__file__).parent / "data"
 BECKETT = DATA / "beckett.wav"
-BECKETT_PHRASES = ["ever tried", "ever failed", "no matter", "try again", "fail again", "fail better"]
+BECKETT_PHRASES = [
+    "ever tried",
+    "ever failed",
+    "no matter",
+    "try again",
+    "fail again",
+    "fail better",
+]
 #: Silero speech regions of beckett.wav in seconds (../shared/audio/README.md).
 BECKETT_REGIONS = [
-    (0.35, 1.22), (1.89, 2.82), (3.52, 4.19), (4.90, 5.60), (6.66, 7.39), (8.16, 8.90)
+    (0.35, 1.22),
+    (1.89, 2.82),
+    (3.52, 4.19),
+    (4.90, 5.60),
+    (6.66, 7.39),
+    (8.16, 8.90),
 ]
 
 

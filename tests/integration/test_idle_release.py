@@ -19,8 +19,12 @@ REPO = Path(__file__).resolve().parents[2]
 async def test_killed_client_is_released_and_its_speech_flushed(embedded_engine: Engine) -> None:
     server = await start_server(make_config(AUDIO__IDLE_TIMEOUT_S="2"), engine=embedded_engine)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.integration.vanishing_client", server.url,
-        cwd=REPO, stdout=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "tests.integration.vanishing_client",
+        server.url,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
     )
     try:
         assert proc.stdout is not None

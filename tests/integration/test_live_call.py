@@ -45,9 +45,7 @@ async def test_beckett_six_phrases_with_times(
         previous = None
         for s, c in zip(started, completed, strict=True):
             item = s["item_id"]
-            order = [
-                r.type for r in client.received if r.event.get("item_id") == item
-            ]
+            order = [r.type for r in client.received if r.event.get("item_id") == item]
             assert order == [
                 "input_audio_buffer.speech_started",
                 "input_audio_buffer.speech_stopped",
@@ -55,7 +53,8 @@ async def test_beckett_six_phrases_with_times(
                 COMPLETED,
             ]
             committed = next(
-                r.event for r in client.received
+                r.event
+                for r in client.received
                 if r.type == "input_audio_buffer.committed" and r.event["item_id"] == item
             )
             assert committed["previous_item_id"] == previous
@@ -174,8 +173,9 @@ async def test_close_mid_utterance_flushes_it_to_the_engine(
         # Stop sending first, so no later phrase can slip in while the peer closes.
         track.stop()
         item = started.event["item_id"]
-        assert not [e for e in client.of_type("input_audio_buffer.speech_stopped")
-                    if e["item_id"] == item]
+        assert not [
+            e for e in client.of_type("input_audio_buffer.speech_stopped") if e["item_id"] == item
+        ]
     # The client closed mid-phrase: the server must still transcribe that open utterance.
     for _ in range(100):
         if server.state.worker.completed >= before + 2 and not server.state.calls:

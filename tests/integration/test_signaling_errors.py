@@ -22,24 +22,44 @@ async def _status_and_error(resp: aiohttp.ClientResponse) -> tuple[int, dict]:
 @pytest.mark.parametrize(
     ("method", "kwargs", "status", "code"),
     [
-        ("POST", {"data": b"{not json", "headers": {"Content-Type": "application/json"}}, 400,
-         "invalid_json"),
+        (
+            "POST",
+            {"data": b"{not json", "headers": {"Content-Type": "application/json"}},
+            400,
+            "invalid_json",
+        ),
         ("POST", {"json": [1, 2, 3]}, 400, "invalid_json"),
         ("POST", {"json": {"sdp": "v=0", "type": "answer"}}, 400, "invalid_type"),
         ("POST", {"json": {"type": "offer"}}, 400, "invalid_sdp"),
         ("POST", {"json": {"sdp": "hello", "type": "offer"}}, 400, "invalid_sdp"),
         ("POST", {"json": {"sdp": SDP_GARBAGE, "type": "offer"}}, 400, "invalid_sdp"),
-        ("POST", {"json": {"sdp": SDP_GARBAGE, "type": "offer", "pc_id": "nope"}}, 404,
-         "unknown_pc_id"),
-        ("POST", {"json": {"sdp": "v=0 m=audio", "type": "offer", "pc_id": 7}}, 400,
-         "invalid_value"),
-        ("POST", {"data": b"x" * 300_000, "headers": {"Content-Type": "application/json"}}, 413,
-         "request_too_large"),
+        (
+            "POST",
+            {"json": {"sdp": SDP_GARBAGE, "type": "offer", "pc_id": "nope"}},
+            404,
+            "unknown_pc_id",
+        ),
+        (
+            "POST",
+            {"json": {"sdp": "v=0 m=audio", "type": "offer", "pc_id": 7}},
+            400,
+            "invalid_value",
+        ),
+        (
+            "POST",
+            {"data": b"x" * 300_000, "headers": {"Content-Type": "application/json"}},
+            413,
+            "request_too_large",
+        ),
         ("PATCH", {"json": {"pc_id": "nope", "candidates": []}}, 404, "unknown_pc_id"),
         ("PATCH", {"json": {"candidates": []}}, 400, "invalid_value"),
         ("PATCH", {"json": {"pc_id": "x", "candidates": "no"}}, 400, "invalid_value"),
-        ("PATCH", {"data": b"]]", "headers": {"Content-Type": "application/json"}}, 400,
-         "invalid_json"),
+        (
+            "PATCH",
+            {"data": b"]]", "headers": {"Content-Type": "application/json"}},
+            400,
+            "invalid_json",
+        ),
         ("GET", {}, 405, "method_not_allowed"),
     ],
 )
@@ -64,8 +84,9 @@ async def test_unknown_path_is_json_404(server: RunningServer) -> None:
 
 
 async def test_bad_trickle_candidate_for_live_call(server: RunningServer) -> None:
-    from signaling.client import ArrayAudioTrack, RealtimeClient
     import numpy as np
+
+    from signaling.client import ArrayAudioTrack, RealtimeClient
 
     async with RealtimeClient(server.url) as client:
         await client.connect(ArrayAudioTrack(np.zeros(16000, np.float32)))
@@ -97,7 +118,9 @@ async def test_health_ready_and_page_config(server: RunningServer) -> None:
         async with http.get(f"{server.url}/api/config") as resp:
             cfg = await resp.json()
         assert cfg == {
-            "ice_servers": [], "data_channel": "oai-events", "engine": "whisper-tiny.en",
+            "ice_servers": [],
+            "data_channel": "oai-events",
+            "engine": "whisper-tiny.en",
             "ready": True,
         }
         async with http.get(f"{server.url}/") as resp:

@@ -75,7 +75,7 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
 
 
 def test_bad_environment_override_names_the_key() -> None:
-    with pytest.raises(ConfigError, match="vad.nope: unknown key"):
+    with pytest.raises(ConfigError, match=r"vad\.nope: unknown key"):
         load_config(None, environ={"VOXTRAL_RTC_VAD__NOPE": "1"})
     with pytest.raises(ConfigError, match="VOXTRAL_RTC_VAD"):
         load_config(None, environ={"VOXTRAL_RTC_VAD": "1"})
@@ -98,7 +98,9 @@ def test_cli_serve_reports_config_error(tmp_path: Path) -> None:
     path = write(tmp_path, "vad:\n  threshold: 5\n")
     proc = subprocess.run(
         [sys.executable, "-m", "signaling.cli", "serve", "--config", str(path)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "vad.threshold" in proc.stderr

@@ -45,7 +45,9 @@ def test_shapes_match_openai_realtime() -> None:
     assert (e["content_index"], e["delta"]) == (0, "Ever")
     e = roundtrip(
         events.transcription_completed(
-            "item_1", "Ever tried.", {"speech_end_ms": 1, "vad_ms": 2.04, "engine_ms": 3.06},
+            "item_1",
+            "Ever tried.",
+            {"speech_end_ms": 1, "vad_ms": 2.04, "engine_ms": 3.06},
             language="en",
         )
     )
@@ -76,7 +78,9 @@ def test_parse_commit_clear_update() -> None:
                 "session": {
                     "input_audio_transcription": {"language": "fr", "prompt": "Beckett"},
                     "turn_detection": {
-                        "type": "server_vad", "threshold": 0.6, "prefix_padding_ms": 200,
+                        "type": "server_vad",
+                        "threshold": 0.6,
+                        "prefix_padding_ms": 200,
                         "silence_duration_ms": 500,
                     },
                 },
@@ -86,7 +90,9 @@ def test_parse_commit_clear_update() -> None:
     assert isinstance(upd, events.SessionUpdate)
     assert (upd.language, upd.prompt) == ("fr", "Beckett")
     assert upd.turn_detection == events.TurnDetection(0.6, 200, 500)
-    off = events.parse_client_event('{"type": "session.update", "session": {"turn_detection": null}}')
+    off = events.parse_client_event(
+        '{"type": "session.update", "session": {"turn_detection": null}}'
+    )
     assert isinstance(off, events.SessionUpdate) and off.turn_detection_off
 
 
@@ -98,12 +104,18 @@ def test_parse_commit_clear_update() -> None:
         ('{"no": "type"}', "missing_required_parameter"),
         ('{"type": "response.create"}', "unknown_event_type"),
         ('{"type": "session.update"}', "invalid_value"),
-        ('{"type": "session.update", "session": {"turn_detection": {"threshold": 3}}}',
-         "invalid_value"),
-        ('{"type": "session.update", "session": {"turn_detection": {"type": "semantic_vad"}}}',
-         "invalid_value"),
-        ('{"type": "session.update", "session": {"input_audio_transcription": {"language": 5}}}',
-         "invalid_value"),
+        (
+            '{"type": "session.update", "session": {"turn_detection": {"threshold": 3}}}',
+            "invalid_value",
+        ),
+        (
+            '{"type": "session.update", "session": {"turn_detection": {"type": "semantic_vad"}}}',
+            "invalid_value",
+        ),
+        (
+            '{"type": "session.update", "session": {"input_audio_transcription": {"language": 5}}}',
+            "invalid_value",
+        ),
         ('{"type": "input_audio_buffer.commit", "event_id": 7}', "invalid_value"),
         ("x" * 70_000, "message_too_large"),
     ],

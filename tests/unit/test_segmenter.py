@@ -15,7 +15,10 @@ from agent.segmenter import (
 from agent.vad import WINDOW_MS, WINDOW_SAMPLES
 
 OPTS = SegmenterOptions(
-    threshold=0.5, min_speech_ms=100, min_silence_ms=200, prefix_padding_ms=300,
+    threshold=0.5,
+    min_speech_ms=100,
+    min_silence_ms=200,
+    prefix_padding_ms=300,
     max_utterance_ms=30_000,
 )
 
@@ -57,7 +60,7 @@ def test_hangover_then_stop_and_utterance() -> None:
 
 def test_pre_roll_prepends_prefix_padding() -> None:
     probs = [0.0] * 20 + [0.9] * 10 + [0.0] * 10
-    utt = [e for e in run(probs) if isinstance(e, Utterance)][0]
+    utt = next(e for e in run(probs) if isinstance(e, Utterance))
     pre = -(-300 // WINDOW_MS)  # 10 windows of pre-roll (ceil(300 / 32))
     assert utt.audio_start_ms == (20 - pre) * WINDOW_MS
     first_window_index = utt.audio[0]
@@ -69,7 +72,7 @@ def test_pre_roll_prepends_prefix_padding() -> None:
 
 def test_pre_roll_is_clipped_at_call_start() -> None:
     probs = [0.0] * 2 + [0.9] * 10 + [0.0] * 10
-    utt = [e for e in run(probs) if isinstance(e, Utterance)][0]
+    utt = next(e for e in run(probs) if isinstance(e, Utterance))
     assert utt.audio_start_ms == 0
 
 
