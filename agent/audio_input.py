@@ -21,7 +21,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 SAMPLE_RATE = 16_000
 
-EndReason = Literal["end_of_track", "idle_timeout"]
+EndReason = Literal["end_of_track", "idle_timeout", "stopped"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,24 +39,39 @@ class AudioInput:
         self._idle_timeout_s = idle_timeout_s
         self.end_reason: EndReason | None = None
         self.frames = 0
+        self._stopped = asyncio.Event()
+
+    def stop(self) -> None:
+        """End the stream now. Needed because a track whose peer never connected media
+        never ends on its own: aiortc only ends tracks of receivers that started."""
+        self._stopped.set()
 
     async def chunks(self) -> AsyncIterator[AudioChunk]:
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-        while True:
-            try:
-                frame = await asyncio.wait_for(self._track.recv(), self._idle_timeout_s)
-            except TimeoutError:
-                self.end_reason = "idle_timeout"
-                break
-            except MediaStreamError:
-                self.end_reason = "end_of_track"
-                break
-            if not isinstance(frame, av.AudioFrame):
-                continue  # an audio track only yields audio frames; this satisfies typing
-            self.frames += 1
-            now = time.perf_counter()
-            for out in resampler.resample(frame):
-                yield AudioChunk(_mono(out), now)
+        stop = asyncio.ensure_future(self._stopped.wait())
+        try:
+            while True:
+                recv = asyncio.ensure_future(self._track.recv())
+                await asyncio.wait(
+                    {recv, stop}, timeout=self._idle_timeout_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not recv.done():
+                    recv.cancel()
+                    self.end_reason = "stopped" if stop.done() else "idle_timeout"
+                    break
+                try:
+                    frame = recv.result()
+                except MediaStreamError:
+                    self.end_reason = "end_of_track"
+                    break
+                if not isinstance(frame, av.AudioFrame):
+                    continue  # an audio track only yields audio frames; this satisfies typing
+                self.frames += 1
+                now = time.perf_counter()
+                for out in resampler.resample(frame):
+                    yield AudioChunk(_mono(out), now)
+        finally:
+            stop.cancel()
         # The resampler holds a few ms of filter delay: flush it so the tail is not lost.
         for out in resampler.resample(None):
             yield AudioChunk(_mono(out), time.perf_counter())

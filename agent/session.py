@@ -86,6 +86,7 @@ class CallSession:
         #: Per utterance index: wall time and audio time at which its end was decided.
         self._stops: dict[int, tuple[float, int]] = {}
         self._main: asyncio.Task[None] | None = None
+        self._audio: AudioInput | None = None
         self._closed = asyncio.Event()
         self.end_reason: str | None = None
         self.utterances = 0
@@ -104,6 +105,8 @@ class CallSession:
             self._track.cancel()
         # Closing the peer stops the track, which ends the pump, which flushes and drains.
         await self.pc.close()
+        if self._audio is not None:
+            self._audio.stop()
         if self._main is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._main
@@ -206,7 +209,7 @@ class CallSession:
             self._mark_closed()
 
     async def _pump(self, track: MediaStreamTrack) -> None:
-        audio = AudioInput(track, self._config.audio.idle_timeout_s)
+        audio = self._audio = AudioInput(track, self._config.audio.idle_timeout_s)
         loop = asyncio.get_running_loop()
         async for chunk in audio.chunks():
             async with self._detector_lock:

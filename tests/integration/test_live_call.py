@@ -183,3 +183,33 @@ async def test_close_mid_utterance_flushes_it_to_the_engine(
         await asyncio.sleep(0.1)
     assert server.state.worker.completed == before + 2
     assert not server.state.calls
+
+
+async def test_restart_pc_replaces_the_peer_under_the_same_id(
+    server: RunningServer, beckett_audio: npt.NDArray[np.float32]
+) -> None:
+    import aiohttp
+
+    async with RealtimeClient(server.url) as first:
+        await first.connect(ArrayAudioTrack(beckett_audio))
+        await first.next_event("input_audio_buffer.speech_started", timeout=10)
+        old = server.state.calls[first.pc_id]
+        async with RealtimeClient(server.url) as second:
+            second.pc.addTransceiver("audio", direction="sendonly")
+            second.pc.createDataChannel("oai-events")
+            await second.pc.setLocalDescription(await second.pc.createOffer())
+            body = {
+                "sdp": second.pc.localDescription.sdp,
+                "type": "offer",
+                "pc_id": first.pc_id,
+                "restart_pc": True,
+            }
+            async with aiohttp.ClientSession() as http:
+                async with http.post(f"{server.url}/api/offer", json=body) as resp:
+                    assert resp.status == 200
+                    answer = await resp.json()
+            assert answer["pc_id"] == first.pc_id
+            assert old.closed and old.end_reason == "restarted"
+            assert old.utterances == 1  # the phrase open at restart was flushed
+            new = server.state.calls[first.pc_id]
+            assert new is not old and not new.closed
