@@ -147,6 +147,12 @@ class EngineConfig:
     max_wait_ms: int = 5
     #: Utterances waiting for the engine beyond this are failed at once (``queue_full``).
     max_queue: int = 256
+    #: Re-transcribe an open utterance this often for live deltas; 0 turns interims off.
+    interim_interval_ms: int = 500
+    #: Engine calls run in parallel (each its own thread). The embedded CPU engine keeps one
+    #: model replica per lane so a final never waits behind an interim; GPU engines batch
+    #: instead and use one lane whatever this says.
+    lanes: int = 2
 
     def validate(self) -> None:
         _check(1 <= self.beam_size <= 16, "engine.beam_size", "must be 1..16")
@@ -155,6 +161,12 @@ class EngineConfig:
         _check(1 <= self.max_batch <= 256, "engine.max_batch", "must be 1..256")
         _check(0 <= self.max_wait_ms <= 1000, "engine.max_wait_ms", "must be 0..1000")
         _check(self.max_queue >= 1, "engine.max_queue", "must be >= 1")
+        _check(
+            self.interim_interval_ms == 0 or 100 <= self.interim_interval_ms <= 10_000,
+            "engine.interim_interval_ms",
+            "must be 0 (off) or 100..10000",
+        )
+        _check(1 <= self.lanes <= 16, "engine.lanes", "must be 1..16")
 
 
 @dataclass(frozen=True)

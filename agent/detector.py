@@ -6,33 +6,67 @@ the ONNX model never runs on the event loop.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import numpy.typing as npt
 
-from agent.segmenter import Segmenter, SegmenterEvent, SegmenterOptions
+from agent.segmenter import Segmenter, SegmenterEvent, SegmenterOptions, SpeechStarted
 from agent.vad import WINDOW_SAMPLES, VadStream
 
 
+@dataclass(frozen=True, eq=False)
+class InterimDue:
+    """Time to re-transcribe the open utterance: its audio so far."""
+
+    index: int
+    audio: npt.NDArray[np.float32]
+
+
+DetectorEvent = SegmenterEvent | InterimDue
+
+
 class SpeechDetector:
-    def __init__(self, vad: VadStream, options: SegmenterOptions) -> None:
+    def __init__(
+        self, vad: VadStream, options: SegmenterOptions, interim_interval_ms: int = 0
+    ) -> None:
         self.vad = vad
         self.segmenter = Segmenter(options)
+        #: 0 turns interims off.
+        self.interim_interval_ms = interim_interval_ms
         self._pending = np.zeros(0, dtype=np.float32)
+        self._last_interim_ms = 0
 
-    def process(self, samples: npt.NDArray[np.float32]) -> list[SegmenterEvent]:
+    def process(self, samples: npt.NDArray[np.float32]) -> list[DetectorEvent]:
         """Add samples of any length; returns the events of every window they complete."""
         buf = np.concatenate([self._pending, samples]) if len(self._pending) else samples
         n_windows = len(buf) // WINDOW_SAMPLES
-        events: list[SegmenterEvent] = []
+        events: list[DetectorEvent] = []
         for i in range(n_windows):
             window = buf[i * WINDOW_SAMPLES : (i + 1) * WINDOW_SAMPLES]
-            events.extend(self.segmenter.push(window, self.vad.probability(window)))
+            found = self.segmenter.push(window, self.vad.probability(window))
+            events.extend(found)
+            events.extend(self._interim(found))
         self._pending = buf[n_windows * WINDOW_SAMPLES :].copy()
         return events
 
-    def flush(self) -> list[SegmenterEvent]:
+    def _interim(self, found: list[SegmenterEvent]) -> list[DetectorEvent]:
+        seg = self.segmenter
+        if any(isinstance(e, SpeechStarted) for e in found):
+            self._last_interim_ms = seg.clock_ms
+        if (
+            not self.interim_interval_ms
+            or not seg.in_speech
+            or seg.paused  # a speculative final is already decoding this audio
+            or seg.clock_ms - self._last_interim_ms < self.interim_interval_ms
+        ):
+            return []
+        self._last_interim_ms = seg.clock_ms
+        return [InterimDue(seg.open_index, seg.open_audio())]
+
+    def flush(self) -> list[DetectorEvent]:
         """End of audio: pad the last partial window with silence, then close any speech."""
-        events: list[SegmenterEvent] = []
+        events: list[DetectorEvent] = []
         if len(self._pending):
             tail = np.zeros(WINDOW_SAMPLES, dtype=np.float32)
             tail[: len(self._pending)] = self._pending

@@ -40,3 +40,18 @@ class EngineLoadError(VoxtralRtcError):
     """The engine could not be loaded; the message names the cause and the fix."""
 
     code = "engine_load_failed"
+
+
+class AudioInputError(VoxtralRtcError):
+    """Audio handed in for file transcription cannot be used; the message says why.
+
+    ``code`` is one of ``invalid_audio`` (undecodable), ``empty_audio``, ``file_too_large``,
+    ``audio_too_long``, ``invalid_url``, ``url_not_allowed`` or ``url_fetch_failed``; the
+    HTTP layer maps it to a status (413 for the size limits, 400 otherwise).
+    """
+
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, code: str = "invalid_audio") -> None:
+        super().__init__(message)
+        self.code = code

@@ -61,8 +61,17 @@ def transcription_delta(item_id: str, delta: str) -> Event:
     return _event(f"{TRANSCRIPTION}.delta", item_id=item_id, content_index=0, delta=delta)
 
 
+def transcription_interim(item_id: str, text: str) -> Event:
+    """Extension: the whole current hypothesis of an open item (may change; not appended)."""
+    return _event(f"{TRANSCRIPTION}.interim", item_id=item_id, content_index=0, text=text)
+
+
 def transcription_completed(
-    item_id: str, transcript: str, timings: dict[str, float], language: str | None = None
+    item_id: str,
+    transcript: str,
+    timings: dict[str, float],
+    language: str | None = None,
+    speculative: bool = False,
 ) -> Event:
     event = _event(
         f"{TRANSCRIPTION}.completed",
@@ -73,6 +82,9 @@ def transcription_completed(
     )
     if language:
         event["language"] = language
+    if speculative:
+        # Extension: the final decode started at the first silence, before the hangover.
+        event["speculative"] = True
     return event
 
 
@@ -110,6 +122,8 @@ class SessionUpdate:
     #: True when the message set ``turn_detection: null`` (client-driven commits).
     turn_detection_off: bool = False
     turn_detection: TurnDetection | None = None
+    #: Extension: send ``...input_audio_transcription.interim`` events; ``None`` = unchanged.
+    include_interim: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -170,10 +184,15 @@ def _parse_session_update(msg: dict[str, Any], event_id: str | None) -> SessionU
         prompt = _opt_str(transcription, "prompt", max_len=2000)
         if language and not language.replace("-", "").isalpha():
             raise ProtocolError(f"language {language!r} is not a language code", "invalid_value")
+    include_interim = session.get("include_interim")
+    if include_interim is not None and not isinstance(include_interim, bool):
+        raise ProtocolError("include_interim must be true or false", "invalid_value")
     key_present = "turn_detection" in session or "turn_detection" in audio_input
     td_raw = session.get("turn_detection", audio_input.get("turn_detection"))
     if key_present and td_raw is None:
-        return SessionUpdate(event_id, language, prompt, turn_detection_off=True)
+        return SessionUpdate(
+            event_id, language, prompt, turn_detection_off=True, include_interim=include_interim
+        )
     turn = None
     if td_raw is not None:
         if not isinstance(td_raw, dict):
@@ -186,7 +205,9 @@ def _parse_session_update(msg: dict[str, Any], event_id: str | None) -> SessionU
             prefix_padding_ms=_opt_int(td_raw, "prefix_padding_ms", 0, 5000),
             silence_duration_ms=_opt_int(td_raw, "silence_duration_ms", 32, 10_000),
         )
-    return SessionUpdate(event_id, language, prompt, turn_detection=turn)
+    return SessionUpdate(
+        event_id, language, prompt, turn_detection=turn, include_interim=include_interim
+    )
 
 
 def _opt_str(obj: dict[str, Any], key: str, max_len: int) -> str | None:

@@ -69,6 +69,23 @@ class SpeechStopped:
 
 
 @dataclass(frozen=True, eq=False)
+class SpeechPaused:
+    """Silence began inside confirmed speech: the region's audio so far, for a speculative
+    final decode that is used if the hangover completes and dropped if speech resumes."""
+
+    index: int
+    audio: npt.NDArray[np.float32]
+    at_ms: int
+
+
+@dataclass(frozen=True)
+class SpeechResumed:
+    """Speech came back before the hangover ended: any speculation on the pause is void."""
+
+    index: int
+
+
+@dataclass(frozen=True, eq=False)
 class Utterance:
     """One cut of audio ready for the engine. ``audio`` includes pre-roll and hangover."""
 
@@ -80,7 +97,7 @@ class Utterance:
     cut: Cut
 
 
-SegmenterEvent = SpeechStarted | SpeechStopped | Utterance
+SegmenterEvent = SpeechStarted | SpeechPaused | SpeechResumed | SpeechStopped | Utterance
 
 
 class Segmenter:
@@ -99,7 +116,7 @@ class Segmenter:
         self._clock_ms = 0
         self._next_index = 0
         pre_roll_windows = -(-options.prefix_padding_ms // WINDOW_MS)
-        self._ring: deque[npt.NDArray[np.float32]] = deque(maxlen=max(pre_roll_windows, 1))
+        self._ring: deque[npt.NDArray[np.float32]] = deque(maxlen=pre_roll_windows)
         self._reset_region()
 
     @property
@@ -111,6 +128,20 @@ class Segmenter:
         """True between ``speech_started`` and ``speech_stopped``."""
         return self._confirmed
 
+    @property
+    def open_index(self) -> int:
+        """Index of the confirmed open utterance, or -1."""
+        return self._index if self._confirmed else -1
+
+    @property
+    def paused(self) -> bool:
+        """Inside confirmed speech, but in a silence that may become its end."""
+        return self._confirmed and self._silence_run_ms > 0
+
+    def open_audio(self) -> npt.NDArray[np.float32]:
+        """The open utterance's audio so far (pre-roll included), for interim decodes."""
+        return np.concatenate(self._audio) if self._audio else np.zeros(0, np.float32)
+
     def update(self, options: SegmenterOptions) -> list[SegmenterEvent]:
         """Apply new settings (``session.update``); an open utterance is kept."""
         events: list[SegmenterEvent] = []
@@ -120,7 +151,7 @@ class Segmenter:
             self._reset_region()
         self.options = options
         pre_roll_windows = -(-options.prefix_padding_ms // WINDOW_MS)
-        self._ring = deque(self._ring, maxlen=max(pre_roll_windows, 1))
+        self._ring = deque(self._ring, maxlen=pre_roll_windows)
         return events
 
     def push(self, window: npt.NDArray[np.float32], probability: float) -> list[SegmenterEvent]:
@@ -179,10 +210,18 @@ class Segmenter:
             self._silence_run_ms = 0
         self._audio.append(window)
         if probability >= opts.neg_threshold:
+            if self._confirmed and self._silence_run_ms > 0:
+                events.append(SpeechResumed(self._index))
             self._last_speech_end_ms = self._clock_ms
             self._silence_run_ms = 0
         else:
             self._silence_run_ms += WINDOW_MS
+            if (
+                self._confirmed
+                and self._silence_run_ms == WINDOW_MS
+                and self._silence_run_ms < opts.min_silence_ms
+            ):
+                events.append(SpeechPaused(self._index, self.open_audio(), self._clock_ms))
         if not self._confirmed and self._last_speech_end_ms - self._onset_ms >= opts.min_speech_ms:
             self._confirmed = True
             self._index = self._next_index

@@ -16,9 +16,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -29,17 +28,11 @@ from aiortc.mediastreams import MediaStreamTrack
 from agent import events
 from agent.audio_input import AudioInput
 from agent.config import Config
-from agent.detector import SpeechDetector
-from agent.engines.base import EngineRequest
+from agent.detector import DetectorEvent, SpeechDetector
 from agent.engines.worker import EngineWorker
-from agent.errors import EngineError, ProtocolError
-from agent.segmenter import (
-    SegmenterEvent,
-    SegmenterOptions,
-    SpeechStarted,
-    SpeechStopped,
-    Utterance,
-)
+from agent.errors import ProtocolError
+from agent.items import ItemPipeline
+from agent.segmenter import SegmenterOptions
 from agent.vad import Vad
 
 log = logging.getLogger(__name__)
@@ -71,25 +64,23 @@ class CallSession:
         self._config = deps.config
         self._on_closed = on_closed
         self._options = SegmenterOptions.from_config(deps.config.vad, deps.config.segmenter)
-        self._detector = SpeechDetector(deps.vad.stream(), self._options)
+        self._detector = SpeechDetector(
+            deps.vad.stream(), self._options, deps.config.engine.interim_interval_ms
+        )
         # Serialises detector use between the audio pump and client commands.
         self._detector_lock = asyncio.Lock()
-        self._language: str | None = deps.config.engine.language or None
-        self._prompt: str | None = None
+        self._items = ItemPipeline(deps.worker, self._send, self._spawn)
+        self._items.language = deps.config.engine.language or None
+        self._items.deltas = deps.config.engine.interim_interval_ms > 0
         self._channel: RTCDataChannel | None = None
         self._outbox: deque[str] = deque(maxlen=deps.config.limits.event_queue)
         self.dropped_events = 0
         self._track: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._items: dict[int, str] = {}
-        self._last_item_id: str | None = None
-        #: Per utterance index: wall time and audio time at which its end was decided.
-        self._stops: dict[int, tuple[float, int]] = {}
         self._main: asyncio.Task[None] | None = None
         self._audio: AudioInput | None = None
         self._closed = asyncio.Event()
         self.end_reason: str | None = None
-        self.utterances = 0
         self._wire_peer()
         self._send(events.session_created(self.describe()))
 
@@ -120,6 +111,12 @@ class CallSession:
     def closed(self) -> bool:
         return self._closed.is_set()
 
+    @property
+    def utterances(self) -> int:
+        """Utterances committed to the engine so far."""
+        count: int = self._items.utterances
+        return count
+
     def describe(self) -> dict[str, Any]:
         """The ``session`` object of ``session.created`` / ``session.updated``."""
         o = self._options
@@ -137,10 +134,11 @@ class CallSession:
             "input_audio_format": "opus",
             "input_audio_transcription": {
                 "model": self._deps.worker.engine.name,
-                "language": self._language,
-                "prompt": self._prompt or "",
+                "language": self._items.language,
+                "prompt": self._items.prompt or "",
             },
             "turn_detection": turn,
+            "include_interim": self._items.include_interim,
         }
 
     # -- peer wiring -------------------------------------------------------------------
@@ -182,10 +180,17 @@ class CallSession:
                 self.dropped_events += 1  # oldest goes: the newest state matters most
             self._outbox.append(text)
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Expected failures become events inside the tasks; anything else is a bug.
+            log.error("call %s: task failed", self.id, exc_info=task.exception())
 
     # -- audio path --------------------------------------------------------------------
 
@@ -222,43 +227,8 @@ class CallSession:
             found = await loop.run_in_executor(self._deps.executor, self._detector.flush)
         self._handle(found)
 
-    def _handle(self, found: list[SegmenterEvent]) -> None:
-        for ev in found:
-            if isinstance(ev, SpeechStarted):
-                item_id = self._items.setdefault(ev.index, events.new_id("item"))
-                self._send(events.speech_started(item_id, ev.start_ms))
-            elif isinstance(ev, SpeechStopped):
-                self._stops[ev.index] = (time.perf_counter(), ev.decided_ms)
-                self._send(events.speech_stopped(self._items[ev.index], ev.end_ms))
-            elif isinstance(ev, Utterance):
-                self._commit(ev)
-
-    def _commit(self, utt: Utterance) -> None:
-        item_id = self._items.pop(utt.index, None) or events.new_id("item")
-        self._send(events.committed(item_id, self._last_item_id))
-        self._last_item_id = item_id
-        self.utterances += 1
-        decided_at, decided_ms = self._stops.pop(utt.index, (time.perf_counter(), utt.end_ms))
-        request = EngineRequest(utt.audio, language=self._language, prompt=self._prompt)
-        timings = {"speech_end_ms": float(utt.end_ms), "vad_ms": float(decided_ms - utt.end_ms)}
-        self._spawn(self._transcribe(item_id, request, timings, decided_at))
-
-    async def _transcribe(
-        self, item_id: str, request: EngineRequest, timings: dict[str, float], decided_at: float
-    ) -> None:
-        try:
-            result = await self._deps.worker.transcribe(request)
-        except EngineError as exc:
-            self._send(events.transcription_failed(item_id, exc.code, str(exc)))
-            return
-        timings = {
-            **timings,
-            "queue_ms": result.queue_ms,
-            "engine_ms": result.engine_ms,
-            # From the end-of-speech decision to this event leaving the server.
-            "server_ms": (time.perf_counter() - decided_at) * 1000,
-        }
-        self._send(events.transcription_completed(item_id, result.text, timings, result.language))
+    def _handle(self, found: Sequence[DetectorEvent]) -> None:
+        self._items.handle(found)
 
     async def _drain(self) -> None:
         pending = [t for t in self._tasks if not t.done()]
@@ -320,9 +290,11 @@ class CallSession:
 
     def _update_session(self, msg: events.SessionUpdate) -> None:
         if msg.language is not None:
-            self._language = msg.language or None
+            self._items.language = msg.language or None
         if msg.prompt is not None:
-            self._prompt = msg.prompt or None
+            self._items.prompt = msg.prompt or None
+        if msg.include_interim is not None:
+            self._items.include_interim = msg.include_interim
         if msg.turn_detection_off:
             self._options = replace(self._options, turn_detection=False)
         elif msg.turn_detection is not None:

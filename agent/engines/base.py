@@ -45,6 +45,8 @@ class Engine(ABC):
 
     #: Short name reported in ``session.created`` and ``/readyz``.
     name: str = "engine"
+    #: How many ``transcribe`` calls this instance can run at once (from different threads).
+    max_lanes: int = 1
 
     @abstractmethod
     def transcribe(self, batch: Sequence[EngineRequest]) -> list[EngineResult]:

@@ -37,13 +37,15 @@ class EmbeddedWhisperEngine(Engine):
                 "engine.kind embedded runs on the CPU only; set engine.device to auto or cpu"
             )
         self._config = config
+        self.max_lanes = config.lanes
         try:
             self._model = WhisperModel(
                 model_dir,
                 device="cpu",
                 compute_type="int8",
                 cpu_threads=config.cpu_threads,
-                num_workers=1,
+                # One model replica per lane: concurrent calls then really run in parallel.
+                num_workers=config.lanes,
             )
         except (OSError, RuntimeError, ValueError) as exc:
             raise EngineLoadError(f"cannot load the Whisper model from {model_dir}: {exc}") from exc

@@ -1,9 +1,12 @@
-"""The engine worker: one thread that owns the engine, and the batching in front of it.
+"""The engine worker: the engine's threads, and the batching and priorities in front of them.
 
 Every session submits utterances here. Requests that wait at the same moment are grouped
 into one ``Engine.transcribe`` call (up to ``max_batch``, waiting at most ``max_wait_ms`` to
-fill a batch), so a GPU engine decodes many calls in one forward. Finals are served before
-interims. A batch that raises is retried item by item so one bad utterance fails alone.
+fill a batch), so a GPU engine decodes many calls in one forward. Finals always go before
+interims; with more than one lane, lane 0 takes finals only, so a final never waits behind
+an interim. An interim that waited longer than one interim interval is skipped (a newer one
+is due anyway) and counted. A batch that raises is retried item by item so one bad
+utterance fails alone. The queue is bounded: past ``max_queue`` a request fails at once.
 """
 
 from __future__ import annotations
@@ -44,31 +47,38 @@ class Transcription:
 class _Job:
     request: EngineRequest
     future: asyncio.Future[Transcription]
+    priority: Priority
     submitted: float = field(default_factory=time.perf_counter)
 
 
 class EngineWorker:
-    """Owns the engine, its thread and the batching task. Start once, share everywhere."""
+    """Owns the engine, its threads and the lane tasks. Start once, share everywhere."""
 
     def __init__(
         self, engine: Engine, config: EngineConfig, executor: ThreadPoolExecutor | None = None
     ) -> None:
         self.engine = engine
         self._config = config
+        self.lanes = max(1, min(config.lanes, engine.max_lanes))
         self._queues: dict[Priority, deque[_Job]] = {p: deque() for p in Priority}
-        self._wakeup = asyncio.Event()
-        # One thread for the engine's whole life: load, warm-up and every batch run on it,
+        self._work = asyncio.Condition()
+        # The engine's threads for its whole life: load, warm-up and every batch run here,
         # which keeps thread-bound state (CUDA streams, compiled graphs) in one place.
-        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self._task: asyncio.Task[None] | None = None
+        self._executor = executor or ThreadPoolExecutor(
+            max_workers=self.lanes, thread_name_prefix="engine"
+        )
+        self._tasks: list[asyncio.Task[None]] = []
         self.skipped_interims = 0
+        #: Finals transcribed / failed, and interims transcribed (counters for tests, metrics).
         self.completed = 0
+        self.failed = 0
+        self.completed_interims = 0
 
     @classmethod
     async def start(cls, config: EngineConfig, engine: Engine | None = None) -> EngineWorker:
-        """Load (unless given) and warm up the engine in the worker thread, then serve."""
+        """Load (unless given) and warm up the engine on its thread, then serve."""
         loop = asyncio.get_running_loop()
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        executor = ThreadPoolExecutor(max_workers=config.lanes, thread_name_prefix="engine")
         try:
             if engine is None:
                 from agent.engines import create_engine
@@ -79,7 +89,12 @@ class EngineWorker:
             executor.shutdown(wait=False)
             raise
         worker = cls(engine, config, executor)
-        worker._task = asyncio.create_task(worker._serve(), name="engine-worker")
+        worker._tasks = [
+            asyncio.create_task(
+                worker._lane(finals_only=worker.lanes > 1 and i == 0), name=f"engine-lane-{i}"
+            )
+            for i in range(worker.lanes)
+        ]
         return worker
 
     @property
@@ -89,25 +104,31 @@ class EngineWorker:
     async def transcribe(
         self, request: EngineRequest, priority: Priority = Priority.FINAL
     ) -> Transcription:
-        """Queue one utterance and wait for its text. Raises ``EngineError`` on failure."""
-        if self._task is None or self._task.done():
+        """Queue one utterance and wait for its text. Raises ``EngineError`` on failure.
+
+        Cancelling the caller withdraws the request if it has not started yet.
+        """
+        if not self._tasks or all(t.done() for t in self._tasks):
             raise EngineError("the engine is not running", code="engine_unavailable")
         if self.queue_depth >= self._config.max_queue:
             if priority is Priority.INTERIM:
                 self.skipped_interims += 1
+                raise EngineError("interim skipped: the engine is busy", "interim_skipped")
             raise EngineError("the engine queue is full", code="queue_full")
-        job = _Job(request, asyncio.get_running_loop().create_future())
+        job = _Job(request, asyncio.get_running_loop().create_future(), priority)
         self._queues[priority].append(job)
-        self._wakeup.set()
+        async with self._work:
+            self._work.notify_all()
         return await job.future
 
     async def close(self) -> None:
-        """Stop serving, fail what still waits, release the engine and its thread."""
-        if self._task is not None:
-            self._task.cancel()
+        """Stop serving, fail what still waits, release the engine and its threads."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
+        self._tasks = []
         for queue in self._queues.values():
             while queue:
                 job = queue.popleft()
@@ -117,35 +138,51 @@ class EngineWorker:
         await loop.run_in_executor(self._executor, self.engine.close)
         self._executor.shutdown(wait=True)
 
-    async def _serve(self) -> None:
+    def _has_work(self, finals_only: bool) -> bool:
+        if finals_only:
+            return bool(self._queues[Priority.FINAL])
+        return self.queue_depth > 0
+
+    async def _lane(self, finals_only: bool) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self.queue_depth:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+            async with self._work:
+                await self._work.wait_for(lambda: self._has_work(finals_only))
             if self._config.max_wait_ms and self.queue_depth < self._config.max_batch:
                 # Give other calls' utterances that arrive in the same instant a chance to
                 # share this forward; bounded so a lone utterance is barely delayed.
                 await asyncio.sleep(self._config.max_wait_ms / 1000)
-            batch = self._take_batch()
+            batch = self._take_batch(finals_only)
             if batch:
                 await self._run_batch(loop, batch)
 
-    def _take_batch(self) -> list[_Job]:
+    def _take_batch(self, finals_only: bool) -> list[_Job]:
         batch: list[_Job] = []
-        for priority in Priority:  # finals first
+        now = time.perf_counter()
+        stale_after = self._config.interim_interval_ms / 1000
+        for priority in (Priority.FINAL,) if finals_only else tuple(Priority):
             queue = self._queues[priority]
             while queue and len(batch) < self._config.max_batch:
                 job = queue.popleft()
-                if not job.future.done():  # the caller gave up (call ended, cancelled)
-                    batch.append(job)
+                if job.future.done():  # withdrawn: call ended, speculation voided
+                    continue
+                if priority is Priority.INTERIM and now - job.submitted > stale_after > 0:
+                    self.skipped_interims += 1
+                    job.future.set_exception(
+                        EngineError("interim skipped: the engine is behind", "interim_skipped")
+                    )
+                    continue
+                batch.append(job)
+            if batch:
+                break  # never mix interims into a batch of finals: finals return sooner
         return batch
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Job]) -> None:
         started = time.perf_counter()
         requests = [job.request for job in batch]
+        results: list[EngineResult | BaseException]
         try:
-            results: list[EngineResult | BaseException] = list(
+            results = list(
                 await loop.run_in_executor(self._executor, self.engine.transcribe, requests)
             )
             if len(results) != len(batch):
@@ -169,11 +206,15 @@ class EngineWorker:
             if job.future.done():
                 continue
             if isinstance(result, BaseException):
+                self.failed += 1
                 log.warning("engine failed an utterance: %r", result)
                 code = result.code if isinstance(result, EngineError) else "engine_error"
                 job.future.set_exception(EngineError(f"transcription failed: {result}", code))
                 continue
-            self.completed += 1
+            if job.priority is Priority.FINAL:
+                self.completed += 1
+            else:
+                self.completed_interims += 1
             job.future.set_result(
                 Transcription(
                     text=result.text,

@@ -14,6 +14,7 @@ from signaling.client import ArrayAudioTrack, RealtimeClient
 from tests.conftest import BECKETT_PHRASES, BECKETT_REGIONS, make_config, normalise
 
 COMPLETED = "conversation.item.input_audio_transcription.completed"
+DELTA = "conversation.item.input_audio_transcription.delta"
 FAILED = "conversation.item.input_audio_transcription.failed"
 
 
@@ -45,7 +46,11 @@ async def test_beckett_six_phrases_with_times(
         previous = None
         for s, c in zip(started, completed, strict=True):
             item = s["item_id"]
-            order = [r.type for r in client.received if r.event.get("item_id") == item]
+            order = [
+                r.type
+                for r in client.received
+                if r.event.get("item_id") == item and r.type != DELTA
+            ]
             assert order == [
                 "input_audio_buffer.speech_started",
                 "input_audio_buffer.speech_stopped",
@@ -62,6 +67,11 @@ async def test_beckett_six_phrases_with_times(
             assert c["item_id"] == item
             assert set(c["timings"]) >= {"speech_end_ms", "vad_ms", "queue_ms", "engine_ms"}
             assert c["timings"]["engine_ms"] > 0
+            # Deltas (append-only) spell out the final text, and all precede it.
+            item_events = [r for r in client.received if r.event.get("item_id") == item]
+            deltas = [r.event["delta"] for r in item_events if r.type == DELTA]
+            assert normalise("".join(deltas)) == normalise(c["transcript"])
+            assert item_events[-1].type == COMPLETED
         ids = [r.event["event_id"] for r in client.received]
         assert len(ids) == len(set(ids))
 
@@ -116,29 +126,29 @@ async def test_commit_without_speech_is_an_error(server: RunningServer) -> None:
         assert err.event["error"]["code"] == "input_audio_buffer_commit_empty"
 
 
-class FailSecond(Engine):
-    """A fake at the engine seam: the real embedded engine, except the 2nd utterance fails."""
+class FailOnFailed(Engine):
+    """A fake at the engine seam: the real embedded engine, but any utterance whose text
+    says "failed" raises, whether it comes as an interim, a speculative or a plain final."""
 
-    name = "fail-second"
+    name = "fail-on-failed"
 
     def __init__(self, inner: Engine) -> None:
         self.inner = inner
-        self.calls = 0
 
     def warmup(self) -> None:
         pass
 
     def transcribe(self, batch: Sequence[EngineRequest]) -> list[EngineResult]:
-        self.calls += 1
-        if self.calls == 2:
+        results = self.inner.transcribe(batch)
+        if any("failed" in normalise(r.text) for r in results):
             raise RuntimeError("simulated engine fault")
-        return self.inner.transcribe(batch)
+        return results
 
 
 async def test_engine_error_fails_one_item_and_call_goes_on(
     embedded_engine: Engine, beckett_audio: npt.NDArray[np.float32]
 ) -> None:
-    server = await start_server(make_config(), engine=FailSecond(embedded_engine))
+    server = await start_server(make_config(), engine=FailOnFailed(embedded_engine))
     try:
         async with RealtimeClient(server.url) as client:
             await client.connect(ArrayAudioTrack(beckett_audio[: int(16000 * 4.6)]))
@@ -167,9 +177,12 @@ async def test_close_mid_utterance_flushes_it_to_the_engine(
     track = ArrayAudioTrack(beckett_audio)
     async with RealtimeClient(server.url) as client:
         await client.connect(track)
-        await client.next_event(COMPLETED, timeout=30)  # "ever tried"
-        started = await client.next_event("input_audio_buffer.speech_started", timeout=10)
-        await asyncio.sleep(0.3)  # "ever failed" lasts 0.93 s: we hang up in the middle
+        # Wait for speech to start in "ever failed" (the 2nd phrase, 0.93 s long) ...
+        while len(client.of_type("input_audio_buffer.speech_started")) < 2:
+            await client.next_event(timeout=10)
+        started = client.received[-1]
+        assert started.type == "input_audio_buffer.speech_started"
+        await asyncio.sleep(0.3)  # ... and hang up in its middle
         # Stop sending first, so no later phrase can slip in while the peer closes.
         track.stop()
         item = started.event["item_id"]

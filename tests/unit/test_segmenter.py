@@ -8,6 +8,8 @@ import pytest
 from agent.segmenter import (
     Segmenter,
     SegmenterOptions,
+    SpeechPaused,
+    SpeechResumed,
     SpeechStarted,
     SpeechStopped,
     Utterance,
@@ -49,12 +51,12 @@ def test_hangover_then_stop_and_utterance() -> None:
     probs = [0.0] * 20 + [0.9] * 10 + [0.0] * 10
     evs = run(probs)
     kinds = [type(e) for e in evs]
-    assert kinds == [SpeechStarted, SpeechStopped, Utterance]
-    stopped = evs[1]
+    assert kinds == [SpeechStarted, SpeechPaused, SpeechStopped, Utterance]
+    stopped = evs[2]
     assert stopped.end_ms == 30 * WINDOW_MS  # end of the last speech window
     # 200 ms of silence = 7 windows of 32 ms (224 ms) before the stop is decided.
     assert stopped.decided_ms - stopped.end_ms == 7 * WINDOW_MS
-    utt = evs[2]
+    utt = evs[3]
     assert utt.cut == "silence" and utt.start_ms == 20 * WINDOW_MS and utt.end_ms == 30 * WINDOW_MS
 
 
@@ -174,3 +176,29 @@ def test_update_changes_hangover() -> None:
 def test_wrong_window_size_is_rejected() -> None:
     with pytest.raises(ValueError):
         Segmenter(OPTS).push(np.zeros(100, np.float32), 0.5)
+
+
+def test_pause_carries_audio_so_far_and_resume_voids_it() -> None:
+    probs = [0.0] * 5 + [0.9] * 10 + [0.0] * 3 + [0.9] * 5 + [0.0] * 10
+    evs = run(probs, SegmenterOptions(prefix_padding_ms=0))
+    kinds = [type(e) for e in evs]
+    assert kinds == [
+        SpeechStarted,
+        SpeechPaused,
+        SpeechResumed,
+        SpeechPaused,
+        SpeechStopped,
+        Utterance,
+    ]
+    first_pause, second_pause, utt = evs[1], evs[3], evs[5]
+    assert first_pause.at_ms == 16 * WINDOW_MS
+    # The pause snapshot is the region's audio up to and including the first silent window.
+    assert list(first_pause.audio[::WINDOW_SAMPLES]) == list(range(5, 16))
+    # The final utterance extends the last pause's snapshot by the rest of the hangover.
+    n = len(second_pause.audio)
+    assert np.array_equal(utt.audio[:n], second_pause.audio)
+    assert len(utt.audio) - n == 6 * WINDOW_SAMPLES
+
+
+def test_unconfirmed_blip_never_pauses() -> None:
+    assert run([0.9] * 2 + [0.0] * 10) == []

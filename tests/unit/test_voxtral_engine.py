@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,7 @@ def test_prompt_layout_with_language(engine: VoxtralEngine, processor: Any) -> N
         audio=[audio(2.0)], model_id="x", language="fr", sampling_rate=SR, format="wav"
     )
     assert reference["input_ids"][0].tolist() == list(prompt.ids)
+    assert engine._prompts.get(" FR ") == prompt
 
 
 def test_prompt_without_language_has_no_lang_tokens(engine: VoxtralEngine, processor: Any) -> None:
@@ -99,8 +101,6 @@ def test_prompt_without_language_has_no_lang_tokens(engine: VoxtralEngine, proce
 def test_engine_language_is_the_default(
     tiny_config: EngineConfig, engine: VoxtralEngine, processor: Any
 ) -> None:
-    from dataclasses import replace
-
     german = VoxtralEngine(
         replace(tiny_config, language="de"),
         model=engine._model,
@@ -154,6 +154,26 @@ def test_batched_greedy_equals_unbatched(engine: VoxtralEngine) -> None:
     assert all(result.text for result in batched)
 
 
+@pytest.mark.parametrize("language", [None, "en"])
+def test_matches_transformers_generate(engine: VoxtralEngine, language: str | None) -> None:
+    """Prefill, static cache, positions and masks give what plain ``generate`` gives."""
+    clip = audio(1.5, 7)
+    prompt = engine._prompts.get(language)
+    ids = torch.tensor([prompt.ids])
+    with torch.no_grad():
+        out = engine._model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            input_features=engine._mel([clip]),
+            max_new_tokens=max_new_tokens(1.5, per_second=8.0, margin=16, cap=256),
+            do_sample=False,
+            eos_token_id=engine._eos_id,
+        )
+    expected = engine._tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    (result,) = engine.transcribe([EngineRequest(clip, language=language)])
+    assert result.text == expected.strip()
+
+
 def test_batches_larger_than_the_largest_bucket_are_split(
     engine: VoxtralEngine, processor: Any
 ) -> None:
@@ -193,8 +213,6 @@ def test_decoding_stops_at_the_bound(
 def test_sampling_with_a_temperature(
     tiny_config: EngineConfig, engine: VoxtralEngine, processor: Any
 ) -> None:
-    from dataclasses import replace
-
     warm = VoxtralEngine(
         replace(tiny_config, temperature=1.0), model=engine._model, processor=processor
     )
@@ -231,7 +249,37 @@ def test_a_bad_item_is_named_in_a_batch(engine: VoxtralEngine) -> None:
     assert engine.transcribe([good])[0].text  # the engine still serves
 
 
-def test_load_errors_name_cause_and_fix(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("raised", "code"),
+    [(RuntimeError("kernel exploded"), "engine_error"), (torch.OutOfMemoryError(), "engine_oom")],
+)
+def test_failures_while_serving_become_engine_errors(
+    tiny_config: EngineConfig,
+    engine: VoxtralEngine,
+    processor: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    raised: Exception,
+    code: str,
+) -> None:
+    failing = VoxtralEngine(tiny_config, model=engine._model, processor=processor)
+    expected = failing.transcribe([EngineRequest(audio(0.5))])
+
+    def explode(*args: Any, **kwargs: Any) -> Any:
+        raise raised
+
+    monkeypatch.setattr(failing, "_step", explode)
+    with pytest.raises(EngineError) as info:
+        failing.transcribe([EngineRequest(audio(0.5))])
+    assert info.value.code == code
+    monkeypatch.undo()
+    assert failing.transcribe([EngineRequest(audio(0.5))]) == expected  # caches were reset
+
+
+def test_load_errors_name_cause_and_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    # Read at import: another test module may have imported the hub client before us.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(EngineLoadError, match="no such folder"):
         VoxtralEngine(EngineConfig(kind="voxtral", model=str(tmp_path / "nope"), device="cpu"))
     (tmp_path / "config.json").write_text("{}")
@@ -288,8 +336,6 @@ async def test_runs_behind_the_engine_worker(
 def test_compiled_decode_never_recompiles_on_cpu(
     tiny_config: EngineConfig, engine: VoxtralEngine, processor: Any
 ) -> None:
-    from dataclasses import replace
-
     from torch._dynamo.utils import counters
 
     compiled = VoxtralEngine(

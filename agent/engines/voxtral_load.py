@@ -1,0 +1,116 @@
+"""Loading Voxtral for the engine: device choice, weights, and failures that say what to do.
+
+Every way loading can fail (no PyTorch, no CUDA for ``engine.device: cuda``, a folder without
+weights, a hub id that is neither cached nor reachable, not enough GPU memory) becomes an
+``EngineLoadError`` whose message names the cause and the fix, so start-up stops with one
+readable line instead of a stack trace from deep inside transformers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from agent.errors import EngineLoadError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "mistralai/Voxtral-Mini-3B-2507"
+
+
+def check_transformers() -> None:
+    """Fail early on a ``transformers`` whose static cache the decode loop cannot drive.
+
+    The loop writes the prefill into ``StaticCache`` layers and moves their fill level
+    (``cumulative_length``, a tensor), which is how transformers 5 tracks it; older releases
+    track it differently and would decode garbage rather than fail.
+    """
+    try:
+        import transformers
+        from transformers.cache_utils import StaticLayer
+    except ImportError as exc:
+        raise EngineLoadError(
+            f"engine.kind voxtral needs transformers ({exc}): pip install 'voxtral-rtc[voxtral]'"
+        ) from exc
+    if not hasattr(StaticLayer(max_cache_len=1), "cumulative_length"):
+        raise EngineLoadError(
+            f"transformers {transformers.__version__} is too old for the Voxtral engine "
+            "(tested with 5.23): pip install -U 'transformers>=5.23'"
+        )
+
+
+def pick_device(setting: str) -> torch.device:
+    """The device for ``engine.device``: ``auto`` takes CUDA when PyTorch sees a GPU."""
+    if setting == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if setting == "cuda":
+        raise EngineLoadError(
+            f"engine.device is cuda but PyTorch {torch.__version__} sees no CUDA GPU "
+            f"(built for CUDA {torch.version.cuda}): install a CUDA build of torch and check "
+            "the driver (nvidia-smi), or set engine.device to auto or cpu"
+        )
+    log.warning("no CUDA GPU: Voxtral runs on the CPU, several seconds per utterance")
+    return torch.device("cpu")
+
+
+def load_model(model_id: str, device: torch.device) -> tuple[Any, Any]:
+    """Load model and processor from a folder or hub id; every failure is an EngineLoadError."""
+    try:
+        from transformers import VoxtralForConditionalGeneration, VoxtralProcessor
+    except ImportError as exc:
+        raise EngineLoadError(
+            f"engine.kind voxtral needs transformers >= 4.54 with mistral-common ({exc}): "
+            "pip install 'voxtral-rtc[voxtral]'"
+        ) from exc
+    folder = Path(model_id).expanduser()
+    if folder.exists() or model_id.startswith(("/", ".", "~")):
+        if not folder.is_dir():
+            raise EngineLoadError(f"engine.model {model_id}: no such folder")
+        missing = [n for n in ("config.json", "tekken.json") if not (folder / n).is_file()]
+        if not any(folder.glob("*.safetensors")):
+            missing.append("*.safetensors weights")
+        if missing:
+            raise EngineLoadError(
+                f"engine.model {model_id} lacks {', '.join(missing)}: download the whole "
+                f"repository (hf download {DEFAULT_MODEL} --local-dir {model_id})"
+            )
+        model_id = str(folder)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    started = time.perf_counter()
+    # transformers places weights on the GPU while loading only through accelerate; without
+    # it they go to RAM first and are moved after (slower start, same result).
+    direct = device.type == "cuda" and importlib.util.find_spec("accelerate") is not None
+    try:
+        processor = VoxtralProcessor.from_pretrained(model_id)
+        model: Any = VoxtralForConditionalGeneration.from_pretrained(
+            model_id,
+            dtype=dtype,
+            attn_implementation="sdpa",
+            device_map=str(device) if direct else None,
+        )
+        if device.type == "cuda" and not direct:
+            model = model.to(device)
+    except torch.OutOfMemoryError as exc:
+        raise EngineLoadError(
+            f"out of GPU memory loading {model_id}: Voxtral Mini 3B needs ~10 GB in bf16 plus "
+            "the KV cache; free the GPU, or set engine.device: cpu"
+        ) from exc
+    except (OSError, ValueError, RuntimeError, ImportError) as exc:
+        raise EngineLoadError(
+            f"cannot load Voxtral from {model_id!r}: {exc}. Download it first "
+            f"(hf download {DEFAULT_MODEL}) or set engine.model to a local folder with "
+            "config.json, tekken.json and the safetensors weights"
+        ) from exc
+    if device.type == "cuda":
+        # Flash for the encoder (no mask), memory-efficient for the padded decoder.
+        torch.backends.cuda.enable_flash_sdp(True)
+        torch.backends.cuda.enable_mem_efficient_sdp(True)
+    log.info("loaded %s in %.1f s", model_id, time.perf_counter() - started)
+    return model, processor

@@ -1,0 +1,175 @@
+"""One conversation item per utterance: live deltas, speculative final, ``completed``.
+
+Takes the detector's events for one call and turns them into engine requests and wire events:
+
+- ``speech_started`` opens an item. While it is open, ``InterimDue`` re-transcribes its audio
+  so far (at interim priority, one at a time per call); words two consecutive hypotheses agree
+  on go out as append-only ``delta`` events (LocalAgreement-2).
+- ``SpeechPaused`` starts the final decode speculatively, before the hangover has confirmed
+  the end. ``SpeechResumed`` withdraws it. When the utterance is cut on that same silence the
+  speculative decode *is* the final: reused, never repeated, so ``completed`` follows the
+  hangover at once if the decode already finished.
+- ``completed`` carries the authoritative text; a last ``delta`` first completes the deltas
+  when the final extends what was already sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent import events
+from agent.agreement import LocalAgreement
+from agent.detector import DetectorEvent, InterimDue
+from agent.engines.base import EngineRequest
+from agent.engines.worker import EngineWorker, Priority, Transcription
+from agent.errors import EngineError
+from agent.segmenter import SpeechPaused, SpeechResumed, SpeechStarted, SpeechStopped, Utterance
+
+Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
+
+
+@dataclass(eq=False)
+class _Item:
+    item_id: str
+    agreement: LocalAgreement = field(default_factory=LocalAgreement)
+    interim: asyncio.Task[None] | None = None
+    speculation: asyncio.Task[Transcription] | None = None
+    finalising: bool = False
+    stopped_at: float | None = None
+    decided_ms: int | None = None
+
+
+class ItemPipeline:
+    def __init__(self, worker: EngineWorker, send: Callable[[events.Event], None], spawn: Spawn):
+        self._worker = worker
+        self._send = send
+        self._spawn = spawn
+        self._open: dict[int, _Item] = {}
+        self._last_item_id: str | None = None
+        self.language: str | None = None
+        self.prompt: str | None = None
+        self.include_interim = False
+        #: With interims off there are no deltas at all, not even the final's.
+        self.deltas = True
+        self.utterances = 0
+        self.speculations_reused = 0
+        self.speculations_dropped = 0
+
+    def handle(self, found: Sequence[DetectorEvent]) -> None:
+        for ev in found:
+            if isinstance(ev, SpeechStarted):
+                item = self._open.setdefault(ev.index, _Item(events.new_id("item")))
+                self._send(events.speech_started(item.item_id, ev.start_ms))
+            elif isinstance(ev, InterimDue):
+                self._interim(ev)
+            elif isinstance(ev, SpeechPaused):
+                self._speculate(ev)
+            elif isinstance(ev, SpeechResumed):
+                self._drop_speculation(self._open.get(ev.index))
+            elif isinstance(ev, SpeechStopped):
+                item = self._open[ev.index]
+                item.stopped_at, item.decided_ms = time.perf_counter(), ev.decided_ms
+                self._send(events.speech_stopped(item.item_id, ev.end_ms))
+            elif isinstance(ev, Utterance):
+                self._commit(ev)
+
+    def clear(self) -> None:
+        """``input_audio_buffer.clear``: the open item is abandoned with its decodes."""
+        for index in [i for i, item in self._open.items() if not item.finalising]:
+            item = self._open.pop(index)
+            self._drop_speculation(item)
+            if item.interim is not None:
+                item.interim.cancel()
+
+    def _request(self, audio: Any) -> EngineRequest:
+        return EngineRequest(audio, language=self.language, prompt=self.prompt)
+
+    # -- interims -----------------------------------------------------------------------
+
+    def _interim(self, due: InterimDue) -> None:
+        item = self._open.get(due.index)
+        if item is None or item.finalising or (item.interim and not item.interim.done()):
+            return  # one interim in flight per call: a slow engine just gets fewer
+        item.interim = self._spawn(self._run_interim(item, self._request(due.audio)))
+
+    async def _run_interim(self, item: _Item, request: EngineRequest) -> None:
+        try:
+            result = await self._worker.transcribe(request, Priority.INTERIM)
+        except EngineError:
+            return  # skipped under load or failed: the final is what counts
+        if item.finalising:
+            return  # the final already owns this item's text
+        delta = item.agreement.update(result.text)
+        if delta:
+            self._send(events.transcription_delta(item.item_id, delta))
+        if self.include_interim:
+            self._send(events.transcription_interim(item.item_id, result.text))
+
+    # -- speculative final --------------------------------------------------------------
+
+    def _speculate(self, pause: SpeechPaused) -> None:
+        item = self._open.get(pause.index)
+        if item is None:
+            return
+        self._drop_speculation(item)
+        request = self._request(pause.audio)
+        item.speculation = self._spawn(self._worker.transcribe(request, Priority.FINAL))
+
+    def _drop_speculation(self, item: _Item | None) -> None:
+        if item is not None and item.speculation is not None:
+            if not item.speculation.done():
+                item.speculation.cancel()  # withdrawn from the queue if not started yet
+            item.speculation = None
+            self.speculations_dropped += 1
+
+    # -- final --------------------------------------------------------------------------
+
+    def _commit(self, utt: Utterance) -> None:
+        item = self._open.pop(utt.index, None) or _Item(events.new_id("item"))
+        item.finalising = True
+        self._send(events.committed(item.item_id, self._last_item_id))
+        self._last_item_id = item.item_id
+        self.utterances += 1
+        decided_at = item.stopped_at or time.perf_counter()
+        decided_ms = item.decided_ms if item.decided_ms is not None else utt.end_ms
+        timings = {"speech_end_ms": float(utt.end_ms), "vad_ms": float(decided_ms - utt.end_ms)}
+        final = item.speculation if utt.cut == "silence" else None
+        if final is None:
+            self._drop_speculation(item)
+            final = self._spawn(self._worker.transcribe(self._request(utt.audio)))
+        else:
+            self.speculations_reused += 1
+        speculative = final is item.speculation
+        self._spawn(self._complete(item, final, timings, decided_at, speculative))
+
+    async def _complete(
+        self,
+        item: _Item,
+        final: asyncio.Task[Transcription],
+        timings: dict[str, float],
+        decided_at: float,
+        speculative: bool,
+    ) -> None:
+        try:
+            result = await final
+        except EngineError as exc:
+            self._send(events.transcription_failed(item.item_id, exc.code, str(exc)))
+            return
+        tail = item.agreement.finish(result.text) if self.deltas else ""
+        if tail:
+            self._send(events.transcription_delta(item.item_id, tail))
+        timings.update(
+            queue_ms=result.queue_ms,
+            engine_ms=result.engine_ms,
+            # From the end-of-speech decision to this event leaving the server.
+            server_ms=(time.perf_counter() - decided_at) * 1000,
+        )
+        self._send(
+            events.transcription_completed(
+                item.item_id, result.text, timings, result.language, speculative=speculative
+            )
+        )
