@@ -149,6 +149,8 @@ class EngineConfig:
     max_queue: int = 256
     #: Re-transcribe an open utterance this often for live deltas; 0 turns interims off.
     interim_interval_ms: int = 500
+    #: Start the final decode when silence begins, before the hangover confirms the end.
+    speculative_final: bool = True
     #: Engine calls run in parallel (each its own thread). The embedded CPU engine keeps one
     #: model replica per lane so a final never waits behind an interim; GPU engines batch
     #: instead and use one lane whatever this says.

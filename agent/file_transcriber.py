@@ -159,7 +159,7 @@ class FileTranscriber:
                         break
                     pending.append((piece, self._submit(audio, piece, options)))
                 if not pending:
-                    return
+                    break
                 piece, task = pending.popleft()
                 result = await task
                 if on_progress is not None:
@@ -175,6 +175,8 @@ class FileTranscriber:
                         no_speech_prob=round(1.0 - piece.speech_prob, 4),
                     )
                     next_id += 1
+            if on_progress is not None:  # the tail after the last speech is done too
+                on_progress(Progress("transcribe", plan.duration_s, plan.duration_s))
         finally:
             for _, task in pending:
                 task.cancel()

@@ -55,6 +55,8 @@ class ItemPipeline:
         self.include_interim = False
         #: With interims off there are no deltas at all, not even the final's.
         self.deltas = True
+        #: Decode on the first silence instead of waiting for the hangover.
+        self.speculative = True
         self.utterances = 0
         self.speculations_reused = 0
         self.speculations_dropped = 0
@@ -113,7 +115,7 @@ class ItemPipeline:
 
     def _speculate(self, pause: SpeechPaused) -> None:
         item = self._open.get(pause.index)
-        if item is None:
+        if item is None or not self.speculative:
             return
         self._drop_speculation(item)
         request = self._request(pause.audio)

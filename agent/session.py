@@ -72,6 +72,7 @@ class CallSession:
         self._items = ItemPipeline(deps.worker, self._send, self._spawn)
         self._items.language = deps.config.engine.language or None
         self._items.deltas = deps.config.engine.interim_interval_ms > 0
+        self._items.speculative = deps.config.engine.speculative_final
         self._channel: RTCDataChannel | None = None
         self._outbox: deque[str] = deque(maxlen=deps.config.limits.event_queue)
         self.dropped_events = 0

@@ -1,0 +1,102 @@
+"""Words while speaking: deltas during a long utterance, none when interims are off."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.engines.base import Engine
+from signaling.app import start_server
+from signaling.client import ArrayAudioTrack, RealtimeClient
+from tests.conftest import BECKETT_REGIONS, make_config, normalise
+
+DELTA = "conversation.item.input_audio_transcription.delta"
+COMPLETED = "conversation.item.input_audio_transcription.completed"
+
+
+def phrases_without_pauses(beckett: npt.NDArray[np.float32], seconds: float) -> np.ndarray:
+    """The six phrases cut at their speech regions and joined back to back until ``seconds``."""
+    pieces = [beckett[int(a * 16000) : int(b * 16000)] for a, b in BECKETT_REGIONS]
+    out: list[np.ndarray] = []
+    while sum(len(p) for p in out) < seconds * 16000:
+        out.extend(pieces)
+    lead = np.zeros(8000, np.float32)
+    return np.concatenate([lead, *out, np.zeros(16000, np.float32)])
+
+
+async def test_long_utterance_streams_append_only_deltas(
+    embedded_engine: Engine, beckett_audio: npt.NDArray[np.float32]
+) -> None:
+    audio = phrases_without_pauses(beckett_audio, 20.0)
+    server = await start_server(make_config(), engine=embedded_engine)
+    try:
+        async with RealtimeClient(server.url) as client:
+            await client.connect(ArrayAudioTrack(audio))
+            done = await client.next_event(COMPLETED, timeout=60)
+            kinds = [r.type for r in client.received]
+            item = done.event["item_id"]
+            # One utterance, no pause: speech_stopped only at the very end.
+            assert kinds.count("input_audio_buffer.speech_started") == 1
+            stop_at = kinds.index("input_audio_buffer.speech_stopped")
+            deltas = [r for r in client.received if r.type == DELTA]
+            assert all(d.event["item_id"] == item for d in deltas)
+            # Words arrived while the person was still talking, many times over.
+            early = [d for d in deltas if client.received.index(d) < stop_at]
+            assert len(early) >= 5, kinds
+            streamed = normalise("".join(d.event["delta"] for d in deltas))
+            final = normalise(done.event["transcript"])
+            # Append-only deltas are consistent with the authoritative final: what was
+            # streamed is the final's beginning (the final then completes it).
+            assert final.startswith(streamed) or _overlap(streamed, final) >= 0.8, (
+                streamed,
+                final,
+            )
+            assert len(final.split()) >= 25  # ~30 words spoken
+    finally:
+        await server.stop()
+
+
+def _overlap(streamed: str, final: str) -> float:
+    """Share of streamed words found in order in the final (tiny.en may re-punctuate)."""
+    words, pos, found = final.split(), 0, 0
+    for w in streamed.split():
+        if w in words[pos:]:
+            pos = words.index(w, pos) + 1
+            found += 1
+    return found / max(len(streamed.split()), 1)
+
+
+async def test_interims_off_means_no_deltas(
+    embedded_engine: Engine, beckett_audio: npt.NDArray[np.float32]
+) -> None:
+    server = await start_server(
+        make_config(ENGINE__INTERIM_INTERVAL_MS="0"), engine=embedded_engine
+    )
+    try:
+        async with RealtimeClient(server.url) as client:
+            await client.connect(ArrayAudioTrack(beckett_audio[: 16000 * 3]))
+            await client.next_event(COMPLETED, timeout=30)
+            await client.next_event(COMPLETED, timeout=30)
+            assert not client.of_type(DELTA)
+            assert server.state.worker is not None
+            assert server.state.worker.completed_interims == 0
+    finally:
+        await server.stop()
+
+
+async def test_interim_event_extension(
+    server: object, beckett_audio: npt.NDArray[np.float32]
+) -> None:
+    from signaling.app import RunningServer
+
+    assert isinstance(server, RunningServer)
+    async with RealtimeClient(server.url) as client:
+        # Long enough speech that an interim returns while the item is still open.
+        await client.connect(ArrayAudioTrack(phrases_without_pauses(beckett_audio, 6.0)))
+        client.send({"type": "session.update", "session": {"include_interim": True}})
+        upd = await client.next_event("session.updated", timeout=10)
+        assert upd.event["session"]["include_interim"] is True
+        interim = await client.next_event(
+            "conversation.item.input_audio_transcription.interim", timeout=30
+        )
+        assert isinstance(interim.event["text"], str) and interim.event["item_id"]

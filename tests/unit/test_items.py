@@ -1,0 +1,155 @@
+"""Item flow with scripted detector events and a fake engine: speculation and deltas."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from agent.config import EngineConfig
+from agent.detector import InterimDue
+from agent.engines.base import Engine, EngineRequest, EngineResult
+from agent.engines.worker import EngineWorker
+from agent.items import ItemPipeline
+from agent.segmenter import SpeechPaused, SpeechResumed, SpeechStarted, SpeechStopped, Utterance
+
+DELTA = "conversation.item.input_audio_transcription.delta"
+COMPLETED = "conversation.item.input_audio_transcription.completed"
+
+
+class Scripted(Engine):
+    """Answers by audio length (ms -> text), slowly; records what it decoded."""
+
+    name = "scripted"
+
+    def __init__(self, texts: dict[int, str], delay: float = 0.1) -> None:
+        self.texts = texts
+        self.delay = delay
+        self.decoded: list[int] = []
+
+    def warmup(self) -> None:
+        pass
+
+    def transcribe(self, batch: Sequence[EngineRequest]) -> list[EngineResult]:
+        import time
+
+        time.sleep(self.delay)
+        out = []
+        for r in batch:
+            ms = len(r.audio) // 16
+            self.decoded.append(ms)
+            out.append(EngineResult(self.texts.get(ms, f"?{ms}")))
+        return out
+
+
+def ms(n: int) -> np.ndarray:
+    return np.zeros(n * 16, np.float32)
+
+
+class Harness:
+    def __init__(self, worker: EngineWorker) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.items = ItemPipeline(worker, self.sent.append, self.spawn)
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        return task
+
+    async def settle(self) -> None:
+        while pending := [t for t in self.tasks if not t.done()]:
+            await asyncio.wait(pending)
+
+    def types(self) -> list[str]:
+        return [e["type"].rsplit(".", 1)[-1] for e in self.sent]
+
+
+async def start(engine: Engine) -> EngineWorker:
+    return await EngineWorker.start(EngineConfig(lanes=1, max_wait_ms=0), engine)
+
+
+async def test_speculation_dropped_when_speech_resumes_and_reused_when_it_ends() -> None:
+    engine = Scripted({1000: "ever", 2000: "ever tried"}, delay=0.2)
+    worker = await start(engine)
+    h = Harness(worker)
+    try:
+        h.items.handle([SpeechStarted(0, 300)])
+        h.items.handle([SpeechPaused(0, ms(1000), 1300)])  # a pause between words ...
+        await asyncio.sleep(0.05)  # ... its decode is running ...
+        h.items.handle([SpeechResumed(0)])  # ... but speech goes on: dropped
+        h.items.handle([SpeechPaused(0, ms(2000), 2300)])  # the real end begins
+        await asyncio.sleep(0.5)  # the speculative final finishes during the hangover
+        h.items.handle([SpeechStopped(0, 2268, 2492)])
+        h.items.handle(
+            [Utterance(0, ms(2224), audio_start_ms=0, start_ms=300, end_ms=2268, cut="silence")]
+        )
+        await h.settle()
+        completed = [e for e in h.sent if e["type"] == COMPLETED]
+        assert [c["transcript"] for c in completed] == ["ever tried"]
+        assert completed[0]["speculative"] is True
+        # The hangover audio (2224 ms) was never decoded: the 2000 ms decode was reused.
+        assert 2224 not in engine.decoded and engine.decoded.count(2000) == 1
+        assert h.items.speculations_reused == 1 and h.items.speculations_dropped == 1
+        # completed came at once: the decode had finished before the stop was decided.
+        assert completed[0]["timings"]["server_ms"] < 50
+    finally:
+        await worker.close()
+
+
+async def test_speculation_not_used_for_forced_cut() -> None:
+    engine = Scripted({1000: "partial", 3000: "whole"}, delay=0.0)
+    worker = await start(engine)
+    h = Harness(worker)
+    try:
+        h.items.handle([SpeechStarted(0, 0), SpeechPaused(0, ms(1000), 1000)])
+        h.items.handle([SpeechStopped(0, 3000, 3000)])
+        h.items.handle(
+            [Utterance(0, ms(3000), audio_start_ms=0, start_ms=0, end_ms=3000, cut="max_length")]
+        )
+        await h.settle()
+        completed = [e for e in h.sent if e["type"] == COMPLETED]
+        assert [c["transcript"] for c in completed] == ["whole"]
+        assert "speculative" not in completed[0]
+    finally:
+        await worker.close()
+
+
+async def test_deltas_append_only_then_completed() -> None:
+    engine = Scripted({500: "No", 1000: "No matter", 1500: "No matter.", 1700: "No matter."})
+    worker = await start(engine)
+    h = Harness(worker)
+    try:
+        h.items.handle([SpeechStarted(0, 0)])
+        for n in (500, 1000, 1500):
+            h.items.handle([InterimDue(0, ms(n))])
+            await h.settle()
+        h.items.handle([SpeechStopped(0, 1500, 1700)])
+        h.items.handle([Utterance(0, ms(1700), 0, 0, 1500, "silence")])
+        await h.settle()
+        assert h.types() == ["speech_started", "delta", "delta", "speech_stopped", "committed",
+                             "completed"]
+        deltas = [e["delta"] for e in h.sent if e["type"] == DELTA]
+        assert deltas == ["No", " matter."]
+    finally:
+        await worker.close()
+
+
+async def test_interim_events_on_request_and_no_deltas_when_off() -> None:
+    engine = Scripted({500: "Fail", 1000: "Fail better"})
+    worker = await start(engine)
+    h = Harness(worker)
+    h.items.include_interim = True
+    h.items.deltas = False
+    try:
+        h.items.handle([SpeechStarted(0, 0), InterimDue(0, ms(500))])
+        await h.settle()
+        h.items.handle([Utterance(0, ms(1000), 0, 0, 1000, "commit")])
+        await h.settle()
+        interims = [e for e in h.sent if e["type"].endswith(".interim")]
+        assert [e["text"] for e in interims] == ["Fail"]
+        assert not [e for e in h.sent if e["type"] == DELTA]
+    finally:
+        await worker.close()
