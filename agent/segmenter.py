@@ -189,7 +189,7 @@ class Segmenter:
             self._onset_ms = t0
         self._audio.append(window)
         self._last_speech_end_ms = self._clock_ms
-        if self._clock_ms - self._audio_start_ms >= self.options.max_utterance_ms:
+        if self._full():
             return self._finish("max_length")
         return []
 
@@ -236,7 +236,7 @@ class Segmenter:
                 for w in self._audio:
                     self._ring.append(w)
                 self._reset_region()
-        elif self._confirmed and self._clock_ms - self._audio_start_ms >= opts.max_utterance_ms:
+        elif self._confirmed and self._full():
             events.extend(self._finish("max_length"))
         return events
 
@@ -261,6 +261,11 @@ class Segmenter:
         )
         self._reset_region()
         return events
+
+    def _full(self) -> bool:
+        """Would one more window overflow ``max_utterance_ms``? Cut before it does: engines
+        reject audio even one window longer than their 30 s input."""
+        return self._clock_ms - self._audio_start_ms + WINDOW_MS > self.options.max_utterance_ms
 
     def _has_audio(self) -> bool:
         return bool(self._audio)

@@ -112,6 +112,7 @@ def test_forced_cut_at_max_utterance() -> None:
     utts = [e for e in evs if isinstance(e, Utterance)]
     assert [u.cut for u in utts] == ["max_length", "max_length", "silence"]
     assert all(len(u.audio) <= 3200 * 16 for u in utts)
+    assert len(utts[0].audio) == (3200 // WINDOW_MS) * WINDOW_SAMPLES  # as full as fits
     # Every speech window reaches an utterance exactly once across the cuts.
     covered = np.concatenate([u.audio[::WINDOW_SAMPLES] for u in utts])
     assert set(range(250)) <= set(covered.astype(int).tolist())
@@ -202,3 +203,11 @@ def test_pause_carries_audio_so_far_and_resume_voids_it() -> None:
 
 def test_unconfirmed_blip_never_pauses() -> None:
     assert run([0.9] * 2 + [0.0] * 10) == []
+
+
+def test_thirty_second_cut_never_exceeds_thirty_seconds() -> None:
+    """30 000 ms is not a multiple of 32 ms: the cut must fall below it, not just after."""
+    evs = run([0.9] * 1000, SegmenterOptions(max_utterance_ms=30_000))
+    utt = next(e for e in evs if isinstance(e, Utterance))
+    assert utt.cut == "max_length"
+    assert len(utt.audio) <= 30 * 16000
