@@ -18,10 +18,12 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -40,12 +42,23 @@ from agent.engines.voxtral_features import (
     LogMel,
     Prompt,
     TranscriptionPrompts,
-    audio_problem,
+    batch_buckets,
+    check_batch,
     max_new_tokens,
 )
-from agent.engines.voxtral_load import DEFAULT_MODEL, check_transformers, load_model, pick_device
+from agent.engines.voxtral_load import (
+    DEFAULT_MODEL,
+    check_transformers,
+    compile_step,
+    load_model,
+    pick_device,
+    static_cache,
+)
 
 log = logging.getLogger(__name__)
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 #: Text tokens a prompt may have beyond the language-less one (``lang:xx`` takes 2–4).
 _PROMPT_RESERVE = 32
@@ -110,32 +123,27 @@ class VoxtralEngine(Engine):
             model, processor = load_model(config.model or DEFAULT_MODEL, device)
         self._model: Any = model.eval()
         self._device: torch.device = next(model.parameters()).device
-        self._text_config: Any = model.config.get_text_config(decoder=True)
         self._audio_token_id = int(model.config.audio_token_id)
         self._eos_id = int(processor.tokenizer.eos_token_id)
         self._tokenizer: Any = processor.tokenizer
         self._mel = LogMel(processor.feature_extractor.mel_filters, self._device)
         self._prompts = TranscriptionPrompts(processor.tokenizer.tokenizer, self._audio_token_id)
-        self._buckets = tuple(sorted(set(self._options.batch_buckets))) or _buckets(
-            config.max_batch
-        )
+        buckets = self._options.batch_buckets or batch_buckets(config.max_batch)
+        self._buckets = tuple(sorted(set(buckets)))
         longest = len(self._prompts.get(None)) + _PROMPT_RESERVE + self._options.max_new_tokens
         self._cache_len = 64 * math.ceil(longest / 64)
         self._caches: dict[int, Any] = {}
+        self._thread_ident: int | None = None
+        self._thread = ThreadPoolExecutor(1, "voxtral", initializer=self._remember_thread)
         use_compile = self._options.compile
         self.compiled = self._device.type == "cuda" if use_compile is None else use_compile
         self._step: Callable[..., torch.Tensor] = self._decode_step
         if self.compiled:
-            # One graph per bucket: dynamo's default limit (8) would fall back to eager.
-            dynamo = torch._dynamo.config
-            name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
-            setattr(dynamo, name, max(getattr(dynamo, name), 2 * len(self._buckets) + 4))
             mode = self._options.compile_mode if self._device.type == "cuda" else "default"
-            self._step = torch.compile(self._decode_step, mode=mode, dynamic=False)
+            self._step = compile_step(self._decode_step, mode, graphs=len(self._buckets))
         log.info(
-            "Voxtral on %s (%s), buckets %s, KV cache %d tokens, compiled=%s",
-            self._device, next(model.parameters()).dtype, self._buckets, self._cache_len,
-            self.compiled,
+            "Voxtral on %s, buckets %s, KV cache %d tokens, compiled: %s",
+            self._device, self._buckets, self._cache_len, self.compiled,
         )  # fmt: skip
 
     @property
@@ -155,26 +163,11 @@ class VoxtralEngine(Engine):
 
     def warmup(self) -> None:
         """Allocate every bucket's KV cache and compile + capture its decode step now."""
-        rng = np.random.default_rng(0)
-        noise = [(rng.standard_normal(SAMPLE_RATE) * 0.01).astype(np.float32) for _ in range(2)]
-        for bucket in self._buckets if self.compiled else self._buckets[:1]:
-            batch = [EngineRequest(noise[i % 2]) for i in range(bucket)]
-            try:
-                # Several decode steps: CUDA graphs are recorded on a graph's second call.
-                self.transcribe_timed(batch, force_new_tokens=4)
-            except EngineError as exc:
-                raise EngineLoadError(
-                    f"Voxtral warm-up failed at batch size {bucket}: {exc}; "
-                    "lower engine.max_batch if the GPU is out of memory"
-                ) from exc
+        self._on_thread(self._warmup)
 
     def close(self) -> None:
-        self._caches.clear()
-        self._model = None
-        if self._device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    # -- one batched call ----------------------------------------------------------------
+        self._on_thread(self._close)
+        self._thread.shutdown(wait=True)
 
     def transcribe_timed(
         self,
@@ -190,11 +183,49 @@ class VoxtralEngine(Engine):
         stages so each stage's time is its own; serving skips that (the decode time then
         absorbs what is still queued). Raises ``EngineError`` naming the bad items.
         """
+        return self._on_thread(self._transcribe_timed, batch, force_new_tokens, synchronize)
+
+    def _on_thread(self, fn: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        # CUDA graphs belong to the thread that recorded them (cudagraph trees are
+        # thread-local): a call from another thread would record them all again. So every
+        # model call runs on this engine's one thread, whichever thread the caller is on.
+        if threading.get_ident() == self._thread_ident:
+            return fn(*args, **kwargs)
+        return self._thread.submit(fn, *args, **kwargs).result()
+
+    def _remember_thread(self) -> None:
+        self._thread_ident = threading.get_ident()
+
+    # -- on the engine's thread ----------------------------------------------------------
+
+    def _warmup(self) -> None:
+        rng = np.random.default_rng(0)
+        noise = [(rng.standard_normal(SAMPLE_RATE) * 0.01).astype(np.float32) for _ in range(2)]
+        for bucket in self._buckets if self.compiled else self._buckets[:1]:
+            batch = [EngineRequest(noise[i % 2]) for i in range(bucket)]
+            try:
+                # Several decode steps: CUDA graphs are recorded on a graph's second call.
+                self.transcribe_timed(batch, force_new_tokens=4)
+            except EngineError as exc:
+                raise EngineLoadError(
+                    f"Voxtral warm-up failed at batch size {bucket}: {exc}; "
+                    "lower engine.max_batch if the GPU is out of memory"
+                ) from exc
+
+    def _close(self) -> None:
+        self._caches.clear()
+        self._model = None
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _transcribe_timed(
+        self, batch: Sequence[EngineRequest], force_new_tokens: int | None, synchronize: bool
+    ) -> tuple[list[EngineResult], StageTimings]:
         if not batch:
             return [], StageTimings(0, 0, 0.0, 0.0, 0.0, 0.0, 0)
         if len(batch) > self._buckets[-1]:
             raise ValueError(f"batch of {len(batch)} exceeds the largest bucket")
-        prompts = self._validate(batch)
+        prompts = check_batch(batch, self._prompts, self._config.language or None)
         try:
             with torch.no_grad():
                 return self._run(batch, prompts, force_new_tokens, synchronize)
@@ -214,22 +245,6 @@ class VoxtralEngine(Engine):
         # would leak through the mask (0 × NaN) into later calls.
         for cache in self._caches.values():
             cache.reset()
-
-    def _validate(self, batch: Sequence[EngineRequest]) -> list[Prompt]:
-        """Check every item before any compute so the error says which ones are bad."""
-        prompts: list[Prompt] = []
-        problems: list[tuple[str, str]] = []
-        for index, request in enumerate(batch):
-            problem = audio_problem(request.audio)
-            if problem is not None:
-                problems.append((f"item {index}: {problem[1]}", problem[0]))
-            try:
-                prompts.append(self._prompts.get(request.language or self._config.language or None))
-            except EngineError as exc:
-                problems.append((f"item {index}: {exc}", exc.code))
-        if problems:
-            raise EngineError("; ".join(text for text, _ in problems), problems[0][1])
-        return prompts
 
     def _run(
         self,
@@ -372,27 +387,11 @@ class VoxtralEngine(Engine):
         return logits.argmax(dim=-1)
 
     def _cache(self, bucket: int) -> Any:
-        cache = self._caches.get(bucket)
-        if cache is None:
-            from transformers import StaticCache
-
-            text = self._text_config
-            cache = StaticCache(config=self._model.config, max_cache_len=self._cache_len)
-            head_dim = (
-                getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-            )
-            cache.early_initialization(
-                bucket, text.num_key_value_heads, head_dim, self._model.dtype, self._device
-            )
-            self._caches[bucket] = cache
-        return cache
+        if bucket not in self._caches:
+            self._caches[bucket] = static_cache(self._model, bucket, self._cache_len)
+        return self._caches[bucket]
 
     def _now(self, synchronize: bool) -> float:
         if synchronize and self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
         return time.perf_counter()
-
-
-def _buckets(max_batch: int) -> tuple[int, ...]:
-    sizes = {1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch}
-    return tuple(sorted(sizes | {max_batch}))

@@ -1,4 +1,4 @@
-"""Inputs of the Voxtral engine: log-mel features on the model's device, and transcription prompts.
+"""Inputs of the Voxtral engine: log-mel features on the model's device, prompts, checks.
 
 Both are fixed by the model, not tuning knobs. Voxtral's audio tower is Whisper's encoder: it
 takes 128 log-mel bins of a 400-point FFT every 160 samples, always over a 30 s window
@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from agent.engines.base import SAMPLE_RATE
+from agent.engines.base import SAMPLE_RATE, EngineRequest
 from agent.errors import EngineError
 
 #: Samples in the one window the encoder accepts (30 s at 16 kHz).
@@ -173,3 +173,32 @@ def audio_problem(audio: Any) -> tuple[str, str] | None:
     if not np.isfinite(audio).all():
         return "invalid_audio", "audio contains NaN or infinite samples"
     return None
+
+
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """Batch sizes to compile: powers of two up to ``max_batch``, and ``max_batch`` itself."""
+    sizes = {1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch}
+    return tuple(sorted(sizes | {max_batch}))
+
+
+def check_batch(
+    batch: Sequence[EngineRequest], prompts: TranscriptionPrompts, default_language: str | None
+) -> list[Prompt]:
+    """Each item's prompt, after checking every item before any compute.
+
+    Raises one ``EngineError`` naming every bad item (``item 1: audio is empty``), with the
+    first one's code; the worker then retries item by item, so each fails with its own.
+    """
+    found: list[Prompt] = []
+    problems: list[tuple[str, str]] = []
+    for index, request in enumerate(batch):
+        problem = audio_problem(request.audio)
+        if problem is not None:
+            problems.append((f"item {index}: {problem[1]}", problem[0]))
+        try:
+            found.append(prompts.get(request.language or default_language))
+        except EngineError as exc:
+            problems.append((f"item {index}: {exc}", exc.code))
+    if problems:
+        raise EngineError("; ".join(text for text, _ in problems), problems[0][1])
+    return found

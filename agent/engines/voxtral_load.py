@@ -11,8 +11,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 
@@ -21,6 +22,9 @@ from agent.errors import EngineLoadError
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "mistralai/Voxtral-Mini-3B-2507"
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 def check_transformers() -> None:
@@ -114,3 +118,31 @@ def load_model(model_id: str, device: torch.device) -> tuple[Any, Any]:
         torch.backends.cuda.enable_mem_efficient_sdp(True)
     log.info("loaded %s in %.1f s", model_id, time.perf_counter() - started)
     return model, processor
+
+
+def static_cache(model: Any, batch_size: int, max_cache_len: int) -> Any:
+    """A ``StaticCache`` for ``batch_size`` rows, allocated now on the model's device.
+
+    Allocating up front (not on first write) puts an out-of-memory at warm-up, and gives the
+    tensors fixed addresses that the compiled step and its CUDA graph can rely on.
+    """
+    from transformers import StaticCache
+
+    text = model.config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    cache.early_initialization(
+        batch_size, text.num_key_value_heads, head_dim, model.dtype, model.device
+    )
+    return cache
+
+
+def compile_step(step: Callable[_P, _R], mode: str, graphs: int) -> Callable[_P, _R]:
+    """``torch.compile`` the decode step with static shapes, room for ``graphs`` graphs."""
+    # One graph per bucket: past dynamo's recompile limit (8 by default) it would silently
+    # run eager. The attribute was renamed in torch 2.6.
+    dynamo = torch._dynamo.config
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, name, max(getattr(dynamo, name), 2 * graphs + 4))
+    compiled: Callable[_P, _R] = torch.compile(step, mode=mode, dynamic=False)
+    return compiled

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +30,7 @@ from agent.engines.voxtral_features import (  # noqa: E402
     AUDIO_TOKENS_PER_CHUNK,
     N_FRAMES,
     N_MELS,
+    batch_buckets,
     max_new_tokens,
 )
 from agent.engines.voxtral_fixture import build_tiny_voxtral  # noqa: E402
@@ -197,6 +199,13 @@ def test_max_new_tokens_grows_with_duration_and_is_capped() -> None:
     assert values == sorted(values)
 
 
+def test_batch_buckets_are_powers_of_two_up_to_max_batch() -> None:
+    assert batch_buckets(1) == (1,)
+    assert batch_buckets(8) == (1, 2, 4, 8)
+    assert batch_buckets(12) == (1, 2, 4, 8, 12)
+    assert batch_buckets(64)[-1] == 64 and len(batch_buckets(64)) == 7
+
+
 def test_decoding_stops_at_the_bound(
     tiny_config: EngineConfig, engine: VoxtralEngine, processor: Any
 ) -> None:
@@ -329,9 +338,19 @@ async def test_runs_behind_the_engine_worker(
     assert max(t.batch_size for t in good if not isinstance(t, BaseException)) > 1
 
 
+def test_model_calls_run_on_one_thread(engine: VoxtralEngine) -> None:
+    # CUDA graphs are thread-local: whichever thread calls, the engine uses its own.
+    from concurrent.futures import ThreadPoolExecutor
+
+    here = engine._on_thread(threading.get_ident)
+    with ThreadPoolExecutor(2) as pool:
+        there = {pool.submit(engine._on_thread, threading.get_ident).result() for _ in range(4)}
+    assert there == {here} and here != threading.get_ident()
+
+
 @pytest.mark.skipif(
-    os.environ.get("VOXTRAL_RTC_TEST_COMPILE") != "1",
-    reason="compiling on a CPU takes ~40 s; set VOXTRAL_RTC_TEST_COMPILE=1",
+    os.environ.get("TEST_VOXTRAL_COMPILE") != "1",
+    reason="compiling on a CPU takes 20-40 s; set TEST_VOXTRAL_COMPILE=1",
 )
 def test_compiled_decode_never_recompiles_on_cpu(
     tiny_config: EngineConfig, engine: VoxtralEngine, processor: Any
@@ -346,8 +365,10 @@ def test_compiled_decode_never_recompiles_on_cpu(
     )
     compiled.warmup()
     before = dict(counters["stats"])
-    requests = [EngineRequest(audio(d, i), language=lang) for i, (d, lang) in
-                enumerate([(0.5, None), (3.0, "en"), (7.0, "fr")])]  # fmt: skip
+    requests = [
+        EngineRequest(audio(d, i), language=lang)
+        for i, (d, lang) in enumerate([(0.5, None), (3.0, "en"), (7.0, "fr")])
+    ]
     compiled_texts = [compiled.transcribe([r])[0].text for r in requests]
     compiled.transcribe(requests[:2])
     assert dict(counters["stats"]) == before
