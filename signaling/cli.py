@@ -1,4 +1,5 @@
-"""``voxtral-rtc`` command line: ``serve`` runs the server until SIGINT/SIGTERM."""
+"""``voxtral-rtc`` command line: ``serve`` runs the server until SIGINT/SIGTERM;
+``transcribe`` transcribes one file in process (``signaling.transcribe_cli``)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,22 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config import Config, load_config
 from agent.errors import ConfigError, EngineLoadError
+from signaling.transcribe_cli import add_transcribe_parser, run_transcribe
+
+if TYPE_CHECKING:
+    from signaling.app import RunningServer
+
+#: Past the grace, how long closing peers, the engine and the listener may take before the
+#: process exits anyway.
+HARD_STOP_MARGIN_S = 10.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,11 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", help="YAML configuration file (default: built-in defaults)")
     serve.add_argument("--host", help="listen address (overrides server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    add_transcribe_parser(sub)
     args = parser.parse_args(argv)
 
     try:
         config = load_config(args.config)
-        overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+        host, port = getattr(args, "host", None), getattr(args, "port", None)
+        overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
         if overrides:
             config = config.replace("server", **overrides)
     except ConfigError as exc:
@@ -38,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(config)
     if args.command == "serve":
         return asyncio.run(_serve(config))
+    if args.command == "transcribe":
+        return run_transcribe(args, config)
     return 2  # pragma: no cover - argparse enforces the choices
 
 
@@ -64,9 +78,28 @@ async def _serve(config: Config) -> int:
         server.state.worker.engine.name if server.state.worker else "?",
     )
     await stop.wait()
-    log.info("shutting down")
+    grace = config.server.shutdown_grace_s
+    log.info("shutting down: no new calls; open calls get up to %g s to finish", grace)
+    code = 0
+    try:
+        await asyncio.wait_for(_shutdown(server, grace), grace + HARD_STOP_MARGIN_S)
+    except TimeoutError:
+        log.error("shutdown overran %g s; exiting anyway", grace + HARD_STOP_MARGIN_S)
+        code = 1
+    worker = server.state.worker
+    if code or (worker is not None and worker.degraded):
+        # A hung engine thread can be neither killed nor joined, and the interpreter joins
+        # every executor thread at exit: leave without waiting for it.
+        logging.shutdown()
+        os._exit(code)
+    return code
+
+
+async def _shutdown(server: RunningServer, grace_s: float) -> None:
+    """SIGTERM: drain (503 to new calls, open utterances finished within the grace), then
+    stop listening, close what is left and the engine."""
+    await server.state.drain(grace_s)
     await server.stop()
-    return 0
 
 
 class _JsonFormatter(logging.Formatter):
