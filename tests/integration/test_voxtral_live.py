@@ -19,10 +19,10 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("mistral_common")
 
-from agent.engines.voxtral_fixture import build_tiny_voxtral  # noqa: E402
-from signaling.app import start_server  # noqa: E402
-from signaling.client import ArrayAudioTrack, RealtimeClient  # noqa: E402
-from tests.conftest import BECKETT, make_config  # noqa: E402
+from agent.engines.voxtral_fixture import build_tiny_voxtral
+from signaling.app import start_server
+from signaling.client import ArrayAudioTrack, RealtimeClient
+from tests.conftest import BECKETT, make_config
 
 COMPLETED = "conversation.item.input_audio_transcription.completed"
 LIFECYCLE = [

@@ -129,8 +129,14 @@ async def test_deltas_append_only_then_completed() -> None:
         h.items.handle([SpeechStopped(0, 1500, 1700)])
         h.items.handle([Utterance(0, ms(1700), 0, 0, 1500, "silence")])
         await h.settle()
-        assert h.types() == ["speech_started", "delta", "delta", "speech_stopped", "committed",
-                             "completed"]
+        assert h.types() == [
+            "speech_started",
+            "delta",
+            "delta",
+            "speech_stopped",
+            "committed",
+            "completed",
+        ]
         deltas = [e["delta"] for e in h.sent if e["type"] == DELTA]
         assert deltas == ["No", " matter."]
     finally:

@@ -89,7 +89,9 @@ async def test_finals_go_first_and_stale_interims_are_skipped() -> None:
         busy = asyncio.ensure_future(worker.transcribe(EngineRequest(audio(100))))
         await asyncio.sleep(0.05)
         interims = [
-            asyncio.ensure_future(worker.transcribe(EngineRequest(audio(200 + i)), Priority.INTERIM))
+            asyncio.ensure_future(
+                worker.transcribe(EngineRequest(audio(200 + i)), Priority.INTERIM)
+            )
             for i in range(3)
         ]
         finals = [
