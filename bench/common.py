@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: statistics, machine facts, process CPU, results.
+"""Helpers shared by the benchmark scripts: statistics, machine facts, CPU time, results, and
+a server on loopback (as a subprocess, so its CPU time is its own, or in process).
 
 Every benchmark prints a markdown table and saves the same figures twice under
 ``bench/results/``: ``<name>-<UTC timestamp>.json`` (everything, for later analysis) and
@@ -7,21 +8,31 @@ Every benchmark prints a markdown table and saves the same figures twice under
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
+import yaml
+
+from agent.config import ENV_PREFIX, Config, load_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
+LOOPBACK = "127.0.0.1"
+READY_TIMEOUT_S = 180.0  # engine load + warm-up
+IDLE_TIMEOUT_S = 45.0  # a call's server-side drain may take 30 s
 
 
 @dataclass(frozen=True)
@@ -128,3 +139,120 @@ def system_busy_seconds() -> float:
     ticks = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
     idle, iowait = ticks[3], ticks[4]  # user nice system idle iowait irq softirq steal
     return (sum(ticks) - idle - iowait) / os.sysconf("SC_CLK_TCK")
+
+
+# -- a server on loopback ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerHandle:
+    """A running server: its base URL, its process id (for CPU time) and its engine's name."""
+
+    url: str
+    pid: int | None  # None: in this process, whose CPU also holds the benchmark's own
+    engine: str
+
+    def cpu_seconds(self) -> float | None:
+        return None if self.pid is None else process_cpu_seconds(self.pid)
+
+
+def loopback_config(base: Path | None, port: int, out: Path, max_calls: int = 0) -> Config:
+    """The base YAML (or the defaults) forced onto loopback, written to ``out`` for the server.
+
+    Listens on 127.0.0.1, gathers ICE host candidates on 127.0.0.1 only and uses no STUN/TURN
+    server, so no packet of a benchmark leaves the machine. ``limits.max_calls`` is raised to
+    ``max_calls`` and the per-IP offer rate limit is lifted (all calls come from 127.0.0.1).
+    ``VOXTRAL_RTC_*`` variables are ignored here and stripped from the server's environment:
+    the file is the whole config.
+    """
+    raw: dict[str, Any] = (yaml.safe_load(base.read_text()) if base else None) or {}
+    raw.setdefault("server", {}).update(host=LOOPBACK, port=port)
+    # No STUN/TURN and loopback-only host candidates: no packet leaves 127.0.0.1.
+    raw.setdefault("webrtc", {}).update(host_addresses=[LOOPBACK], ice_servers=[])
+    limits = raw.setdefault("limits", {})
+    limits["max_calls"] = max(int(limits.get("max_calls", Config().limits.max_calls)), max_calls)
+    if hasattr(Config().limits, "offers_per_minute_per_ip"):
+        limits["offers_per_minute_per_ip"] = 0  # every call of a benchmark comes from one IP
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return load_config(out, environ={})
+
+
+@contextlib.asynccontextmanager
+async def subprocess_server(config_path: Path, port: int) -> AsyncIterator[ServerHandle]:
+    """``python -m signaling.cli serve``: its own process, so its CPU time is its own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    env["PYTHONUNBUFFERED"] = "1"
+    log_path = config_path.with_suffix(".log")
+    log_file = await asyncio.to_thread(log_path.open, "wb")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "signaling.cli", "serve", "--config", str(config_path)),
+            *("--port", str(port)),
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=log_file,
+        )
+    finally:
+        log_file.close()  # the child holds its own copy
+    url = f"http://{LOOPBACK}:{port}"
+    try:
+        engine = await wait_ready(url, proc, log_path)
+        yield ServerHandle(url, proc.pid, engine)
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 30)
+            except TimeoutError:
+                proc.kill()
+                await asyncio.wait_for(proc.wait(), 10)
+
+
+@contextlib.asynccontextmanager
+async def inprocess_server(config: Config) -> AsyncIterator[ServerHandle]:
+    """``signaling.app.start_server`` in this process and event loop."""
+    from signaling.app import start_server
+
+    server = await asyncio.wait_for(start_server(config), READY_TIMEOUT_S)
+    try:
+        assert server.state.worker is not None
+        yield ServerHandle(server.url, None, server.state.worker.engine.name)
+    finally:
+        await asyncio.wait_for(server.stop(), 60)
+
+
+async def wait_ready(url: str, proc: asyncio.subprocess.Process, log_path: Path) -> str:
+    """Poll ``/readyz`` until 200 (returns the engine name); fail if the process exits."""
+    deadline = time.perf_counter() + READY_TIMEOUT_S
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+        while time.perf_counter() < deadline:
+            if proc.returncode is not None:
+                tail = (await asyncio.to_thread(log_path.read_text, errors="replace"))[-2000:]
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{tail}")
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with http.get(f"{url}/readyz") as resp:
+                    if resp.status == 200:
+                        return str((await resp.json()).get("engine", "?"))
+            await asyncio.sleep(0.2)
+    raise TimeoutError(f"server not ready within {READY_TIMEOUT_S:.0f} s (log: {log_path})")
+
+
+async def wait_idle(url: str, timeout_s: float = IDLE_TIMEOUT_S) -> None:
+    """Until the server holds no call (``/healthz``), e.g. before reading its CPU time."""
+    deadline = time.perf_counter() + timeout_s
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+        while time.perf_counter() < deadline:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with http.get(f"{url}/healthz") as resp:
+                    if (await resp.json()).get("calls") == 0:
+                        return
+            await asyncio.sleep(0.2)
+    raise TimeoutError(f"server still holds calls after {timeout_s:.0f} s")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,661 @@
+"""Live-call latency: end of speech -> final transcript at a real WebRTC client, 1..N calls.
+
+Plays a WAV over N simultaneous aiortc calls (real Opus, real ICE/DTLS/SCTP, all on
+127.0.0.1) against a server started as a subprocess (default; its CPU time is then measured
+alone from ``/proc/PID/stat``) or in this process, and times the data-channel events at the
+client::
+
+    .venv/bin/python bench/latency.py --calls 1 8 --repeat 2
+
+Reference times come from an offline pass of the same VAD + segmenter (same options) over the
+source file: offline utterance ``k`` has an onset and an end in file time, which the client's
+send clock turns into wall time (``ArrayAudioTrack.started_at + ms / 1000``). Each final event
+is matched to the offline utterance whose end is nearest to the event's own ``speech_stopped``
+``audio_end_ms``. Reported per call count (pooled over calls and repeats), p50 / p95:
+
+* end of speech -> ``...transcription.completed`` arrival, split with the server's ``timings``
+  into VAD hangover, queue, engine, server (decision -> event sent) and transport/other
+  (= client latency - vad_ms - server_ms: RTP + jitter buffer + decode + VAD backlog + SCTP);
+* speech onset -> ``speech_started`` arrival (and -> first ``delta`` when the engine sends any);
+* transcripts received / expected, failed, missing; server CPU in % of one core per call.
+
+Call starts are staggered by a uniform random 0..``--stagger-ms`` (fixed seed): near-
+simultaneous (the worst case for a single engine worker) without every call's utterance ends
+falling into the same 32 ms window, which no real traffic does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import shlex
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import av
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agent.config import Config
+from agent.detector import SpeechDetector
+from agent.errors import ConfigError
+from agent.peer import restrict_host_addresses
+from agent.segmenter import SegmenterOptions, SpeechStarted, Utterance
+from agent.vad import SileroVad
+from bench.common import (
+    LOOPBACK,
+    REPO_ROOT,
+    RESULTS_DIR,
+    ServerHandle,
+    free_port,
+    inprocess_server,
+    loopback_config,
+    machine_info,
+    markdown_table,
+    process_cpu_seconds,
+    save_results,
+    subprocess_server,
+    summarize,
+    system_busy_seconds,
+    wait_idle,
+)
+from signaling.client import ArrayAudioTrack, RealtimeClient, read_audio
+
+EV = "conversation.item.input_audio_transcription"
+CONNECT_TIMEOUT_S = 30.0
+CLOSE_TIMEOUT_S = 10.0
+#: Keep a call open this long after the file's last sample left, for the last cut to happen.
+SETTLE_AFTER_AUDIO_S = 1.0
+METRICS = (
+    "end_to_final_ms",
+    "onset_to_started_ms",
+    "onset_to_first_delta_ms",
+    "end_to_stopped_ms",
+    "vad_ms",
+    "queue_ms",
+    "engine_ms",
+    "server_ms",
+    "transport_other_ms",
+    "end_offset_ms",
+)
+
+#: Engine settings shown in the markdown (the JSON has the whole configuration).
+ENGINE_KEYS = ("kind", "beam_size", "cpu_threads", "max_batch", "lanes", "interim_interval_ms")
+#: Event type -> the name under which an item keeps its first event of that type.
+SLOTS = {
+    "input_audio_buffer.speech_started": "started",
+    "input_audio_buffer.speech_stopped": "stopped",
+    f"{EV}.delta": "delta",
+    f"{EV}.completed": "completed",
+    f"{EV}.failed": "failed",
+}
+
+
+@dataclass(frozen=True)
+class OfflineUtterance:
+    index: int
+    start_ms: int  # speech onset (first speech window)
+    end_ms: int  # end of the last speech window
+
+
+def offline_utterances(samples: Any, config: Config) -> list[OfflineUtterance]:
+    """The server's own VAD + segmenter, with its options, over the file's 512-sample windows."""
+    options = SegmenterOptions.from_config(config.vad, config.segmenter)
+    detector = SpeechDetector(SileroVad(config.vad.model_path).stream(), options)
+    onsets: dict[int, int] = {}
+    found: list[OfflineUtterance] = []
+    for ev in [*detector.process(samples), *detector.flush()]:
+        if isinstance(ev, SpeechStarted):
+            onsets[ev.index] = ev.start_ms
+        elif isinstance(ev, Utterance):
+            found.append(OfflineUtterance(ev.index, onsets.get(ev.index, ev.start_ms), ev.end_ms))
+    return found
+
+
+class TimedTrack(ArrayAudioTrack):
+    """``ArrayAudioTrack`` that records how late each frame left against its nominal time."""
+
+    def __init__(self, samples: Any) -> None:
+        super().__init__(samples)
+        self.max_lateness_ms = 0.0
+
+    async def recv(self) -> av.AudioFrame:
+        frame = await super().recv()
+        assert self.started_at is not None and frame.pts is not None
+        late = (time.perf_counter() - self.started_at - frame.pts / frame.sample_rate) * 1000
+        self.max_lateness_ms = max(self.max_lateness_ms, late)
+        return frame
+
+
+@dataclass
+class CallOutcome:
+    call: int
+    stagger_ms: float
+    connect_ms: float | None = None
+    error: str | None = None
+    max_send_lateness_ms: float = 0.0
+    records: list[dict[str, Any]] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+# -- one call ------------------------------------------------------------------------------
+
+
+async def run_call(
+    url: str, config: Config, samples: Any, call: int, stagger_s: float, tail_s: float
+) -> tuple[CallOutcome, RealtimeClient, float | None]:
+    """Connect after ``stagger_s``, play the file, stay until every started item is final."""
+    outcome = CallOutcome(call, round(stagger_s * 1000, 1))
+    await asyncio.sleep(stagger_s)
+    track = TimedTrack(samples)
+    client = RealtimeClient(url, config.webrtc)
+    audio_s = len(samples) / 16_000
+    try:
+        t0 = time.perf_counter()
+        await asyncio.wait_for(client.connect(track), CONNECT_TIMEOUT_S)
+        outcome.connect_ms = round((time.perf_counter() - t0) * 1000, 1)
+        deadline = time.perf_counter() + audio_s + tail_s
+        if not await _wait_finals(client, track, audio_s, deadline):
+            outcome.error = f"not all finals within {audio_s + tail_s:.0f} s"
+    except (TimeoutError, RuntimeError, OSError, aiohttp.ClientError) as exc:
+        outcome.error = f"{type(exc).__name__}: {exc}"  # a failed call is a result, not a crash
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.close(), CLOSE_TIMEOUT_S)
+    outcome.max_send_lateness_ms = round(track.max_lateness_ms, 1)
+    return outcome, client, track.started_at
+
+
+async def _wait_finals(
+    client: RealtimeClient, track: ArrayAudioTrack, audio_s: float, deadline: float
+) -> bool:
+    open_items: set[str] = set()
+    while True:
+        now = time.perf_counter()
+        started = track.started_at
+        if started is not None and now >= started + audio_s + SETTLE_AFTER_AUDIO_S:
+            if not open_items:
+                return True
+        if now >= deadline:
+            return False
+        try:
+            ev = await client.next_event(timeout=max(0.01, min(0.1, deadline - now)))
+        except TimeoutError:
+            continue
+        item = str(ev.event.get("item_id"))
+        if ev.type in ("input_audio_buffer.speech_started", "input_audio_buffer.committed"):
+            open_items.add(item)
+        elif ev.type in (f"{EV}.completed", f"{EV}.failed"):
+            open_items.discard(item)
+
+
+def analyse_call(
+    outcome: CallOutcome,
+    client: RealtimeClient,
+    started_at: float | None,
+    offline: list[OfflineUtterance],
+    tolerance_ms: float,
+) -> None:
+    """Match finals to offline utterances and compute each one's latencies (into ``outcome``)."""
+    items: dict[str, dict[str, Any]] = {}
+    for r in client.received:
+        item_id = r.event.get("item_id")
+        if item_id is None:
+            continue
+        slot = items.setdefault(str(item_id), {})
+        key = SLOTS.get(r.type)
+        if key is not None:
+            slot.setdefault(key, r)  # the first of each kind: the first delta, in particular
+    finals = {k: v for k, v in items.items() if "completed" in v or "failed" in v}
+    # One-to-one, nearest first: the event's own audio_end_ms against offline ends.
+    pairs = []
+    for item_id, slot in finals.items():
+        end = _online_end_ms(slot)
+        for off in offline:
+            if end is not None and abs(end - off.end_ms) <= tolerance_ms:
+                pairs.append((abs(end - off.end_ms), item_id, off.index))
+    matched: dict[str, OfflineUtterance] = {}
+    used: set[int] = set()
+    by_index = {o.index: o for o in offline}
+    for _, item_id, index in sorted(pairs):
+        if item_id not in matched and index not in used:
+            matched[item_id] = by_index[index]
+            used.add(index)
+    failed = sum(1 for v in finals.values() if "completed" not in v)
+    empty = 0
+    for item_id, off in sorted(matched.items(), key=lambda kv: kv[1].index):
+        slot = finals[item_id]
+        if "completed" not in slot or started_at is None:
+            continue
+        done = slot["completed"]
+        timings: dict[str, float] = done.event.get("timings") or {}
+        text = str(done.event.get("transcript", ""))
+        empty += not text.strip()
+        end_at = started_at + off.end_ms / 1000
+        onset_at = started_at + off.start_ms / 1000
+        latency = (done.at - end_at) * 1000
+        vad, server = timings.get("vad_ms"), timings.get("server_ms")
+        rec: dict[str, Any] = {
+            "call": outcome.call,
+            "utterance": off.index,
+            "transcript": text,
+            "speculative": bool(done.event.get("speculative", False)),
+            "offline_start_ms": off.start_ms,
+            "offline_end_ms": off.end_ms,
+            "end_offset_ms": _diff(_online_end_ms(slot), off.end_ms),
+            "end_to_final_ms": latency,
+            "onset_to_started_ms": _since(slot.get("started"), onset_at),
+            "onset_to_first_delta_ms": _since(slot.get("delta"), onset_at),
+            "end_to_stopped_ms": _since(slot.get("stopped"), end_at),
+            **{k: timings.get(k) for k in ("vad_ms", "queue_ms", "engine_ms", "server_ms")},
+            "transport_other_ms": None if vad is None or server is None else latency - vad - server,
+        }
+        outcome.records.append(
+            {k: round(v, 1) if isinstance(v, float) else v for k, v in rec.items()}
+        )
+    got = sum(1 for item_id in matched if "completed" in finals[item_id])
+    outcome.counts = {
+        "expected": len(offline),
+        "completed": got,
+        "failed": failed,
+        "missing": len(offline) - len(used),
+        "unmatched": len(finals) - len(matched),
+        "empty": empty,
+    }
+
+
+def _online_end_ms(slot: dict[str, Any]) -> float | None:
+    if "stopped" in slot:
+        return float(slot["stopped"].event["audio_end_ms"])
+    timings = slot["completed"].event.get("timings", {}) if "completed" in slot else {}
+    end = timings.get("speech_end_ms")
+    return None if end is None else float(end)
+
+
+def _since(received: Any, reference: float) -> float | None:
+    return None if received is None else (received.at - reference) * 1000
+
+
+def _diff(a: float | None, b: float) -> float | None:
+    return None if a is None else a - b
+
+
+# -- one phase: N calls at once ------------------------------------------------------------
+
+
+async def run_phase(
+    server: ServerHandle,
+    config: Config,
+    samples: Any,
+    offline: list[OfflineUtterance],
+    n_calls: int,
+    repeat: int,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    await wait_idle(server.url)
+    rng = random.Random(f"{args.seed}:{n_calls}:{repeat}")
+    staggers = [rng.uniform(0, args.stagger_ms / 1000) for _ in range(n_calls)]
+    audio_s = len(samples) / 16_000
+    tail_s = args.tail_timeout_s or 20 + 1.5 * n_calls * len(offline)
+    cpu0, own0, busy0 = server.cpu_seconds(), process_cpu_seconds(), system_busy_seconds()
+    t0 = time.perf_counter()
+    coros = [run_call(server.url, config, samples, i, s, tail_s) for i, s in enumerate(staggers)]
+    bound = CONNECT_TIMEOUT_S + audio_s + tail_s + CLOSE_TIMEOUT_S + 30
+    results = await asyncio.wait_for(asyncio.gather(*coros), bound)
+    await wait_idle(server.url)
+    cpu1, own1, busy1 = server.cpu_seconds(), process_cpu_seconds(), system_busy_seconds()
+    wall = time.perf_counter() - t0
+    calls = []
+    for outcome, client, started_at in results:
+        analyse_call(outcome, client, started_at, offline, args.match_tolerance_ms)
+        calls.append(outcome)
+    server_cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+    phase: dict[str, Any] = {
+        "calls": n_calls,
+        "repeat": repeat,
+        "wall_s": round(wall, 2),
+        "tail_timeout_s": tail_s,
+        "server_cpu_s": None if server_cpu is None else round(server_cpu, 2),
+        # CPU seconds / (calls x seconds of the file's audio), in % of one core.
+        "server_cpu_pct_per_call": None
+        if server_cpu is None
+        else round(100 * server_cpu / (n_calls * audio_s), 1),
+        "server_load_pct": None if server_cpu is None else round(100 * server_cpu / wall, 1),
+        "bench_cpu_pct": round(100 * (own1 - own0) / wall, 1),
+        # Everything else the machine ran meanwhile: how noisy the measurement was.
+        "other_cpu_pct": round(100 * (busy1 - busy0 - (server_cpu or 0) - (own1 - own0)) / wall, 1),
+        **_engine_batches([r for c in calls for r in c.records], wall),
+        "counts": _total_counts(calls),
+        "summary": _summaries([r for c in calls for r in c.records]),
+        "call_results": [asdict(c) for c in calls],
+    }
+    s, c = phase["summary"]["end_to_final_ms"], phase["counts"]
+    print(
+        f"  {n_calls} call(s), run {repeat}: {c['completed']}/{c['expected']} finals, "
+        f"failed {c['failed']}, missing {c['missing']}; end->final p50 {s['p50']} "
+        f"p95 {s['p95']} ms; server CPU {phase['server_cpu_pct_per_call'] or '-'} %/call; "
+        f"{wall:.1f} s",
+        file=sys.stderr,
+    )
+    return phase
+
+
+def _engine_batches(records: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
+    """Batches seen in the finals: the worker gives every item of a batch the batch's wall
+    time as ``engine_ms``, so equal values (0.1 ms resolution) are one batch. Interim decodes
+    send no timings, so the busy share counts finals only."""
+    sizes = Counter(r["engine_ms"] for r in records if r.get("engine_ms") is not None)
+    busy_s = sum(sizes) / 1000
+    return {
+        "engine_batches": len(sizes),
+        "engine_mean_batch": round(sum(sizes.values()) / len(sizes), 2) if sizes else None,
+        "engine_busy_pct": round(100 * busy_s / wall_s, 1),
+    }
+
+
+def _total_counts(calls: list[CallOutcome]) -> dict[str, int]:
+    keys = ("expected", "completed", "failed", "missing", "unmatched", "empty")
+    total = {k: sum(c.counts.get(k, 0) for c in calls) for k in keys}
+    total["call_errors"] = sum(1 for c in calls if c.error)
+    return total
+
+
+def _summaries(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {m: summarize(r[m] for r in records if r.get(m) is not None).as_dict() for m in METRICS}
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+SUMMARY_HEADERS = (
+    "calls",
+    "n",
+    "finals",
+    "failed",
+    "missing",
+    "end of speech → final",
+    "onset → speech_started",
+    "onset → first delta",
+    "server CPU % core/call",
+)
+SPLIT_HEADERS = (
+    "calls",
+    "→ speech_stopped",
+    "VAD hangover",
+    "queue",
+    "engine",
+    "server",
+    "transport/other",
+    "total",
+)
+SPLIT_METRICS = METRICS[3:9]  # end_to_stopped .. transport_other, in SPLIT_HEADERS order
+RUN_HEADERS = (
+    "calls",
+    "run",
+    "finals",
+    "end → final p50 / p95",
+    "server CPU % core/call",
+    "server load %",
+    "bench CPU %",
+    "other CPU %",
+    "engine busy %",
+    "mean batch",
+    "wall s",
+    "max send lateness ms",
+)
+NOTES = (
+    "Split of end of speech → final: *server* = end-of-speech decision → event sent (queue + "
+    "engine + hand-off; shorter than *engine* when a speculative final started at the first "
+    "silence, before the decision); *transport/other* = client latency − VAD hangover − server "
+    "(RTP, jitter buffer, Opus decode, VAD backlog, SCTP, client event loop). *engine* is the "
+    "wall time of the whole batch the utterance ran in. *server CPU % core/call* = server process"
+    " CPU seconds / (calls × file seconds) × 100; *server load %* = its CPU seconds / wall "
+    "seconds of the run; *bench CPU %* = the same for this process (the clients); *other CPU %* ="
+    " the rest of the machine's busy time meanwhile (other processes: noise); *engine busy %* = "
+    "summed wall times of the finals' batches (all lanes) / wall seconds of the run (interim "
+    "decodes not included); *mean batch* = utterances per engine batch (items of one batch share "
+    "its ``engine_ms``)."
+)
+
+
+def render(report: dict[str, Any]) -> str:
+    cfg, args, machine = report["config"], report["args"], report["machine"]
+    load = machine["load_avg_1m"]
+    engine = ", ".join(f"{k} {cfg['engine'][k]}" for k in ENGINE_KEYS if k in cfg["engine"])
+    summary_rows, split_rows = [], []
+    for n, agg in report["by_calls"].items():
+        s, c = agg["summary"], agg["counts"]
+        cpu = agg["server_cpu_pct_per_call"]
+        summary_rows.append(
+            [
+                n,
+                s["end_to_final_ms"]["n"],
+                f"{c['completed']}/{c['expected']}",
+                c["failed"],
+                c["missing"],
+                _cell(s["end_to_final_ms"]),
+                _cell(s["onset_to_started_ms"]),
+                _cell(s["onset_to_first_delta_ms"]),
+                "—" if cpu is None else f"{cpu:.1f}",
+            ]
+        )
+        split_rows.append([n, *(_cell(s[m]) for m in SPLIT_METRICS), _cell(s["end_to_final_ms"])])
+    run_rows = [
+        [
+            p["calls"],
+            p["repeat"],
+            f"{p['counts']['completed']}/{p['counts']['expected']}",
+            _cell(p["summary"]["end_to_final_ms"]),
+            p["server_cpu_pct_per_call"],
+            p["server_load_pct"],
+            p["bench_cpu_pct"],
+            p.get("other_cpu_pct"),
+            p["engine_busy_pct"],
+            p["engine_mean_batch"],
+            p["wall_s"],
+            max(c["max_send_lateness_ms"] for c in p["call_results"]),
+        ]
+        for p in report["phases"]
+    ]
+    stagger = (
+        f"by uniform 0–{args['stagger_ms']:.0f} ms (seed {args['seed']})"
+        if args["stagger_ms"]
+        else "not at all"
+    )
+    lines = [
+        "# Live-call latency (bench/latency.py)",
+        "",
+        f"- date: {report['date']}",
+        f"- command: `{report['command']}`",
+        f"- machine: {machine['cpu_count']} CPUs ({machine['cpu_model']}), no GPU used; "
+        f"1-min load average {load[0]:.2f} before, {load[1]:.2f} after",
+        f"- server: {report['server_mode']}; engine {report['engine']} ({engine}); "
+        f"VAD {cfg['vad']['kind']} (threshold {cfg['vad']['threshold']}, "
+        f"hangover {cfg['segmenter']['min_silence_ms']} ms)",
+        f"- audio: {report['audio']['path']} ({report['audio']['seconds']} s, "
+        f"{len(report['offline'])} utterances offline); call starts staggered {stagger}; "
+        f"{args['repeat']} run(s) per call count",
+        "",
+        "## Latency at the client (ms, p50 / p95, pooled over calls and runs)",
+        "",
+        markdown_table(SUMMARY_HEADERS, summary_rows),
+        "",
+        "## End of speech → final, split (ms, p50 / p95)",
+        "",
+        markdown_table(SPLIT_HEADERS, split_rows),
+        "",
+        "## Runs",
+        "",
+        markdown_table(RUN_HEADERS, run_rows),
+        "",
+        NOTES,
+    ]
+    return "\n".join(lines)
+
+
+def _cell(s: dict[str, Any]) -> str:
+    return "—" if s["p50"] is None else f"{s['p50']:.0f} / {s['p95']:.0f}"
+
+
+def aggregate(phases: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    out: dict[int, dict[str, Any]] = {}
+    for n in dict.fromkeys(p["calls"] for p in phases):
+        mine = [p for p in phases if p["calls"] == n]
+        records = [r for p in mine for c in p["call_results"] for r in c["records"]]
+        cpus = [p["server_cpu_pct_per_call"] for p in mine]
+        cpus = [c for c in cpus if c is not None]
+        counts = {k: sum(p["counts"][k] for p in mine) for k in mine[0]["counts"]}
+        out[n] = {
+            "runs": len(mine),
+            "counts": counts,
+            "summary": _summaries(records),
+            "server_cpu_pct_per_call": round(sum(cpus) / len(cpus), 1) if cpus else None,
+        }
+    return out
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    restrict_host_addresses([LOOPBACK])  # before any peer exists: loopback candidates only
+    load_before = os.getloadavg()[0]
+    samples = read_audio(args.audio)
+    with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp:
+        port = args.port or free_port()
+        config = loopback_config(args.config, port, Path(tmp) / "server.yaml", max(args.calls))
+        offline = offline_utterances(samples, config)
+        if not offline:
+            raise SystemExit(f"{args.audio}: the offline VAD pass found no speech")
+        print(f"{args.audio}: {len(offline)} offline utterances", file=sys.stderr)
+        server_cm = (
+            subprocess_server(Path(tmp) / "server.yaml", port)
+            if args.server == "subprocess"
+            else inprocess_server(config)
+        )
+        phases = []
+        async with server_cm as server:
+            engine = server.engine
+            for n in args.calls:
+                for repeat in range(1, args.repeat + 1):
+                    phases.append(
+                        await run_phase(server, config, samples, offline, n, repeat, args)
+                    )
+                    await asyncio.sleep(args.settle_s)
+    return {
+        "benchmark": "latency",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": shlex.join([_shown(Path(sys.executable)), *sys.argv]),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": {**machine_info(), "load_avg_1m": [load_before, os.getloadavg()[0]]},
+        "server_mode": args.server,
+        "engine": engine,
+        "config": asdict(config),
+        "audio": {"path": _shown(args.audio), "seconds": round(len(samples) / 16_000, 2)},
+        "offline": [asdict(o) for o in offline],
+        "by_calls": aggregate(phases),
+        "phases": phases,
+    }
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it (results stay machine-neutral)."""
+    path = path.absolute()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="End of speech -> final transcript over 1..N simultaneous aiortc calls, "
+        "all on 127.0.0.1. Prints a markdown table; saves JSON + markdown.",
+        epilog="example: .venv/bin/python bench/latency.py --calls 1 8 --repeat 2",
+    )
+    p.add_argument(
+        "--audio",
+        type=Path,
+        default=REPO_ROOT / "tests/data/beckett.wav",
+        help="speech file to play (default: tests/data/beckett.wav)",
+    )
+    p.add_argument(
+        "--calls", type=int, nargs="+", default=[1], help="call counts, run in turn (default: 1)"
+    )
+    p.add_argument("--repeat", type=int, default=1, help="runs per call count (default: 1)")
+    p.add_argument(
+        "--server",
+        choices=("subprocess", "inprocess"),
+        default="subprocess",
+        help="subprocess (default): the server's CPU is measured alone; inprocess: one process",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="base YAML for the server (default: built-in defaults); host, port, ICE host "
+        "addresses and ICE servers are forced to loopback; VOXTRAL_RTC_* variables are ignored",
+    )
+    p.add_argument("--port", type=int, default=0, help="server port (default: 0, a free one)")
+    p.add_argument(
+        "--stagger-ms",
+        type=float,
+        default=200.0,
+        help="call starts are offset by uniform 0..this (default: 200; 0: all at once)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the stagger (default: 0)")
+    p.add_argument(
+        "--tail-timeout-s",
+        type=float,
+        default=0.0,
+        help="longest wait for finals after the audio (default: 0 = 20 + 1.5 s x calls x "
+        "utterances)",
+    )
+    p.add_argument(
+        "--match-tolerance-ms",
+        type=float,
+        default=400.0,
+        help="largest gap between an event's audio_end_ms and the offline utterance end it is "
+        "matched to (default: 400)",
+    )
+    p.add_argument("--settle-s", type=float, default=1.0, help="pause between runs (default: 1)")
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=RESULTS_DIR,
+        help="where results are saved (default: bench/results)",
+    )
+    p.add_argument("--no-save", action="store_true", help="print the table only")
+    args = p.parse_args(argv)
+    if min(args.calls) < 1 or args.repeat < 1:
+        p.error("--calls and --repeat must be >= 1")
+    if not args.audio.is_file():
+        p.error(f"no such file: {args.audio}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        report = asyncio.run(bench(args))
+    except (RuntimeError, TimeoutError, ConfigError) as exc:  # server start, idle wait, config
+        print(f"latency: {exc}", file=sys.stderr)
+        return 2
+    markdown = render(report)
+    print(markdown)
+    if not args.no_save:
+        for path in save_results("latency", report, markdown, args.out_dir):
+            print(f"saved {_shown(path)}")
+    bad = sum(p["counts"]["missing"] + p["counts"]["failed"] for p in report["phases"])
+    return 1 if bad else 0  # 2: could not run at all
+
+
+if __name__ == "__main__":
+    sys.exit(main())
