@@ -36,6 +36,12 @@ class ServerConfig:
     web_dir: str = ""
     #: Largest request body accepted by the signalling routes, in bytes.
     max_body_bytes: int = 262_144
+    #: Bearer tokens accepted on ``/api/*``, ``/v1/*`` and ``/metrics``; empty = no auth.
+    auth_tokens: tuple[str, ...] = ()
+    #: Origins whose pages may call ``/api/*`` and ``/v1/*`` from a browser (CORS); ``*`` = any.
+    cors_origins: tuple[str, ...] = ()
+    #: On SIGTERM: how long open calls get to finish their utterances before they are closed.
+    shutdown_grace_s: float = 10.0
 
     def validate(self) -> None:
         _check(
@@ -44,6 +50,25 @@ class ServerConfig:
             f"must be 0..65535 (0: any free port), got {self.port}",
         )
         _check(self.max_body_bytes >= 1024, "server.max_body_bytes", "must be >= 1024")
+        for token in self.auth_tokens:
+            _check(
+                len(token) >= 16 and token.isprintable() and not any(c.isspace() for c in token),
+                "server.auth_tokens",
+                "each token must be at least 16 printable characters without spaces "
+                "(e.g. openssl rand -hex 24)",
+            )
+        for origin in self.cors_origins:
+            _check(
+                origin == "*"
+                or (
+                    origin.startswith(("http://", "https://"))
+                    and "/" not in origin.split("://", 1)[1]
+                    and len(origin.split("://", 1)[1]) > 0
+                ),
+                "server.cors_origins",
+                f"must be '*' or an origin like https://app.example.com (no path), got {origin!r}",
+            )
+        _check(0 <= self.shutdown_grace_s <= 600, "server.shutdown_grace_s", "must be 0..600")
 
     @property
     def web_path(self) -> Path:
@@ -74,6 +99,8 @@ class WebRTCConfig:
     ice_servers: tuple[IceServer, ...] = ()
     #: Label of the data channel carrying the OpenAI Realtime events.
     data_channel: str = "oai-events"
+    #: Received audio frames held before decoding (aiortc's default is 4 = 80 ms of delay).
+    jitter_prefetch_frames: int = 1
 
     def validate(self) -> None:
         for addr in self.host_addresses:
@@ -83,6 +110,9 @@ class WebRTCConfig:
                 raise ConfigError(f"webrtc.host_addresses: {addr!r} is not an IP address") from None
         for server in self.ice_servers:
             server.validate()
+        _check(
+            1 <= self.jitter_prefetch_frames <= 16, "webrtc.jitter_prefetch_frames", "must be 1..16"
+        )
 
 
 @dataclass(frozen=True)
@@ -155,6 +185,9 @@ class EngineConfig:
     #: model replica per lane so a final never waits behind an interim; GPU engines batch
     #: instead and use one lane whatever this says.
     lanes: int = 2
+    #: An engine call running longer than this fails its utterances (``engine_timeout``) and
+    #: its thread is abandoned for a fresh one.
+    watchdog_s: float = 30.0
 
     def validate(self) -> None:
         _check(1 <= self.beam_size <= 16, "engine.beam_size", "must be 1..16")
@@ -169,6 +202,7 @@ class EngineConfig:
             "must be 0 (off) or 100..10000",
         )
         _check(1 <= self.lanes <= 16, "engine.lanes", "must be 1..16")
+        _check(0 < self.watchdog_s <= 3600, "engine.watchdog_s", "must be in (0, 3600]")
 
 
 @dataclass(frozen=True)
@@ -176,6 +210,12 @@ class LimitsConfig:
     #: Events waiting for the data channel to open; older ones are dropped past this.
     event_queue: int = 256
     max_calls: int = 64
+    #: ``POST /api/offer`` per client IP and minute (token bucket, bursts up to this); 0 = off.
+    offers_per_minute_per_ip: int = 60
+    #: Longest call in seconds; the call then ends itself (open utterance flushed); 0 = none.
+    max_call_s: float = 3600.0
+    #: Data-channel send buffer beyond which deltas and interims are dropped (finals never).
+    channel_buffer_bytes: int = 262_144
     #: Largest audio file accepted for file transcription (upload, base64 or URL), in bytes.
     max_upload_bytes: int = 104_857_600
     #: Longest decoded audio accepted for file transcription, in seconds (16 kHz mono
@@ -193,6 +233,17 @@ class LimitsConfig:
     def validate(self) -> None:
         _check(self.event_queue >= 8, "limits.event_queue", "must be >= 8")
         _check(self.max_calls >= 1, "limits.max_calls", "must be >= 1")
+        _check(
+            self.offers_per_minute_per_ip >= 0,
+            "limits.offers_per_minute_per_ip",
+            "must be >= 0 (0: no limit)",
+        )
+        _check(
+            self.max_call_s == 0 or self.max_call_s >= 1,
+            "limits.max_call_s",
+            "must be 0 (no limit) or >= 1",
+        )
+        _check(self.channel_buffer_bytes >= 1024, "limits.channel_buffer_bytes", "must be >= 1024")
         _check(self.max_upload_bytes >= 1024, "limits.max_upload_bytes", "must be >= 1024")
         _check(self.max_audio_s >= 1, "limits.max_audio_s", "must be >= 1")
         _check(self.max_file_jobs >= 1, "limits.max_file_jobs", "must be >= 1")

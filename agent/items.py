@@ -10,12 +10,18 @@ Takes the detector's events for one call and turns them into engine requests and
   speculative decode *is* the final: reused, never repeated, so ``completed`` follows the
   hangover at once if the decode already finished.
 - ``completed`` carries the authoritative text; a last ``delta`` first completes the deltas
-  when the final extends what was already sent.
+  when the final extends what was already sent. Its extension field ``lag_ms`` is the
+  engine's backlog when it left: how long the oldest final still queued had waited (0 when
+  the engine keeps up).
+- A final still unanswered ``LAG_NOTICE_S`` after its commit while the engine's backlog is
+  that long gets one extension event ``voxtral.engine_lag`` ``{item_id, lag_ms,
+  queue_depth}``: the engine is behind real time, the transcript will be late.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -27,9 +33,16 @@ from agent.detector import DetectorEvent, InterimDue
 from agent.engines.base import EngineRequest
 from agent.engines.worker import EngineWorker, Priority, Transcription
 from agent.errors import EngineError
+from agent.observer import CallObserver
 from agent.segmenter import SpeechPaused, SpeechResumed, SpeechStarted, SpeechStopped, Utterance
 
 Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
+
+log = logging.getLogger(__name__)
+
+#: A final unanswered this long, with the engine's backlog as long, sends ``engine_lag``.
+LAG_NOTICE_S = 1.0
+ENGINE_LAG = "voxtral.engine_lag"
 
 
 @dataclass(eq=False)
@@ -44,10 +57,19 @@ class _Item:
 
 
 class ItemPipeline:
-    def __init__(self, worker: EngineWorker, send: Callable[[events.Event], None], spawn: Spawn):
+    def __init__(
+        self,
+        worker: EngineWorker,
+        send: Callable[[events.Event], None],
+        spawn: Spawn,
+        observer: CallObserver | None = None,
+        call_id: str = "",
+    ):
         self._worker = worker
         self._send = send
         self._spawn = spawn
+        self._observer = observer or CallObserver()
+        self._call_id = call_id
         self._open: dict[int, _Item] = {}
         self._last_item_id: str | None = None
         self.language: str | None = None
@@ -136,6 +158,7 @@ class ItemPipeline:
         self._send(events.committed(item.item_id, self._last_item_id))
         self._last_item_id = item.item_id
         self.utterances += 1
+        self._observer.utterance_committed()
         decided_at = item.stopped_at or time.perf_counter()
         decided_ms = item.decided_ms if item.decided_ms is not None else utt.end_ms
         timings = {"speech_end_ms": float(utt.end_ms), "vad_ms": float(decided_ms - utt.end_ms)}
@@ -156,9 +179,21 @@ class ItemPipeline:
         decided_at: float,
         speculative: bool,
     ) -> None:
+        done, _ = await asyncio.wait({final}, timeout=LAG_NOTICE_S)
+        lag_ms = self._worker.lag_ms()
+        if not done and lag_ms >= LAG_NOTICE_S * 1000:
+            self._send(engine_lag(item.item_id, lag_ms, self._worker.queue_depth))
         try:
             result = await final
         except EngineError as exc:
+            log.warning(
+                "call %s item %s: transcription failed (%s)",
+                self._call_id,
+                item.item_id,
+                exc.code,
+                extra={"call_id": self._call_id, "item_id": item.item_id},
+            )
+            self._observer.transcription_failed(exc.code)
             self._send(events.transcription_failed(item.item_id, exc.code, str(exc)))
             return
         tail = item.agreement.finish(result.text) if self.deltas else ""
@@ -170,8 +205,20 @@ class ItemPipeline:
             # From the end-of-speech decision to this event leaving the server.
             server_ms=(time.perf_counter() - decided_at) * 1000,
         )
-        self._send(
-            events.transcription_completed(
-                item.item_id, result.text, timings, result.language, speculative=speculative
-            )
+        completed = events.transcription_completed(
+            item.item_id, result.text, timings, result.language, speculative=speculative
         )
+        completed["lag_ms"] = round(self._worker.lag_ms(), 1)
+        self._send(completed)
+        self._observer.final_completed((timings["vad_ms"] + timings["server_ms"]) / 1000)
+
+
+def engine_lag(item_id: str, lag_ms: float, queue_depth: int) -> events.Event:
+    """Extension event: the engine is behind real time; this item's final will be late."""
+    return {
+        "type": ENGINE_LAG,
+        "event_id": events.new_id("event"),
+        "item_id": item_id,
+        "lag_ms": round(lag_ms, 1),
+        "queue_depth": queue_depth,
+    }

@@ -6,8 +6,14 @@ worker thread) -> ``EngineWorker`` (shared, batched) -> OpenAI Realtime events o
 
 The session owns its tasks: ``_run`` (the audio pump, then the drain) and one task per
 utterance being transcribed. ``close()`` cancels and awaits all of them. The call ends on
-end of track, ``pc.close()``, ICE failure, or no audio for ``audio.idle_timeout_s``; in every
-case the open utterance is flushed to the engine first.
+end of track, ``pc.close()``, ICE failure, a closed data channel, no audio for
+``audio.idle_timeout_s``, ``limits.max_call_s`` or server shutdown; in every case the open
+utterance is flushed to the engine first.
+
+Sending is bounded too: events wait for the data channel in a queue of ``limits.event_queue``
+(oldest dropped), and once the channel's send buffer holds more than
+``limits.channel_buffer_bytes`` (a client that does not read), deltas, interims and lag
+notices are dropped; ``completed``, ``failed`` and every other event are always sent.
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aiortc import RTCDataChannel, RTCPeerConnection
@@ -31,7 +38,8 @@ from agent.config import Config
 from agent.detector import DetectorEvent, SpeechDetector
 from agent.engines.worker import EngineWorker
 from agent.errors import ProtocolError
-from agent.items import ItemPipeline
+from agent.items import ENGINE_LAG, ItemPipeline
+from agent.observer import AudioLagMeter, CallObserver
 from agent.segmenter import SegmenterOptions
 from agent.vad import Vad
 
@@ -39,6 +47,14 @@ log = logging.getLogger(__name__)
 
 #: Longest wait for in-flight transcriptions once the call's audio has ended.
 DRAIN_TIMEOUT_S = 30.0
+#: Longest wait for the data channel to hand its last events to SCTP before the peer closes.
+FLUSH_TIMEOUT_S = 1.0
+#: Longest ICE + DTLS set-up; ``audio.idle_timeout_s`` only counts once media can flow.
+CONNECT_TIMEOUT_S = 20.0
+#: Events dropped first when a client does not read its data channel.
+DROPPABLE = frozenset(
+    {f"{events.TRANSCRIPTION}.delta", f"{events.TRANSCRIPTION}.interim", ENGINE_LAG}
+)
 
 
 @dataclass(frozen=True)
@@ -49,6 +65,7 @@ class SessionDeps:
     worker: EngineWorker
     vad: Vad
     executor: Executor
+    observer: CallObserver = field(default_factory=CallObserver)
 
 
 class CallSession:
@@ -63,13 +80,15 @@ class CallSession:
         self._deps = deps
         self._config = deps.config
         self._on_closed = on_closed
+        self._observer = deps.observer
+        self._log = logging.LoggerAdapter(log, {"call_id": self.id})
         self._options = SegmenterOptions.from_config(deps.config.vad, deps.config.segmenter)
         self._detector = SpeechDetector(
             deps.vad.stream(), self._options, deps.config.engine.interim_interval_ms
         )
         # Serialises detector use between the audio pump and client commands.
         self._detector_lock = asyncio.Lock()
-        self._items = ItemPipeline(deps.worker, self._send, self._spawn)
+        self._items = ItemPipeline(deps.worker, self._send, self._spawn, self._observer, self.id)
         self._items.language = deps.config.engine.language or None
         self._items.deltas = deps.config.engine.interim_interval_ms > 0
         self._items.speculative = deps.config.engine.speculative_final
@@ -81,6 +100,15 @@ class CallSession:
         self._main: asyncio.Task[None] | None = None
         self._audio: AudioInput | None = None
         self._closed = asyncio.Event()
+        self._closing: asyncio.Task[None] | None = None
+        self._peer_closing: asyncio.Task[None] | None = None
+        #: Set once the call is on its way out: audio stopping, or the peer closing.
+        self._ending = False
+        self._stop_requested = False
+        self._stop_event = asyncio.Event()
+        #: Set once the peer is connected, failed or closed.
+        self._peer_settled = asyncio.Event()
+        self._expiry: asyncio.TimerHandle | None = None
         self.end_reason: str | None = None
         self._wire_peer()
         self._send(events.session_created(self.describe()))
@@ -89,14 +117,34 @@ class CallSession:
 
     def start(self) -> None:
         self._main = asyncio.create_task(self._run(), name=f"session-{self.id}")
+        max_call_s = self._config.limits.max_call_s
+        if max_call_s > 0:
+            self._expiry = asyncio.get_running_loop().call_later(max_call_s, self._expire)
 
-    async def close(self, reason: str = "closed") -> None:
-        """End the call now: flush the open utterance, drain, close the peer, await tasks."""
+    async def close(self, reason: str = "closed", grace_s: float = 0.0) -> None:
+        """End the call: flush the open utterance, drain, close the peer, await tasks.
+
+        With ``grace_s`` (server shutdown) the audio stops first while the peer stays up, so
+        the open utterance's ``completed`` still reaches the client; whatever is not done
+        after ``grace_s`` is cancelled. Safe to call more than once and from several places.
+        """
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close(reason, grace_s))
+        # Shielded: a caller that gives up waiting does not abort the close half-way.
+        await asyncio.shield(self._closing)
+
+    async def _close(self, reason: str, grace_s: float) -> None:
         self.end_reason = self.end_reason or reason
+        if grace_s > 0 and self._main is not None and not self._main.done():
+            self._stop_audio()
+            await asyncio.wait({self._main}, timeout=grace_s)
+            if not self._main.done():
+                self._main.cancel()  # out of grace: what is still transcribing is dropped
+        self._ending = True
         if not self._track.done():
             self._track.cancel()
         # Closing the peer stops the track, which ends the pump, which flushes and drains.
-        await self.pc.close()
+        await self._close_peer()
         if self._audio is not None:
             self._audio.stop()
         if self._main is not None:
@@ -104,6 +152,21 @@ class CallSession:
                 await self._main
         await self._cancel_tasks()
         self._mark_closed()
+
+    def _stop_audio(self) -> None:
+        """End the audio input now; the pump then flushes, drains and closes the peer."""
+        self._stop_requested = True
+        self._stop_event.set()
+        if self._audio is not None:
+            self._audio.stop()
+        elif not self._track.done():
+            self._track.cancel()
+
+    def _expire(self) -> None:
+        self._expiry = None
+        self._log.info("call %s reached limits.max_call_s", self.id)
+        self.end_reason = self.end_reason or "max_duration"
+        self._stop_audio()
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
@@ -160,25 +223,42 @@ class CallSession:
             # waiting for "open" here would wait forever.
             self._channel = channel
             channel.on("message", self._on_message)
+            channel.on("close", self._on_channel_close)
             while self._outbox:
                 channel.send(self._outbox.popleft())
 
         @pc.on("connectionstatechange")
         async def _on_state() -> None:
+            if pc.connectionState in ("connected", "failed", "closed"):
+                self._peer_settled.set()
             if pc.connectionState == "failed":
                 self.end_reason = self.end_reason or "connection_failed"
                 # aiortc keeps the track alive after ICE failure; closing the peer ends it,
                 # and the pump then flushes and drains as for any other ending.
-                self._spawn(pc.close())
+                self._spawn(self._close_peer())
+
+    def _on_channel_close(self) -> None:
+        # The client closed its events channel: nothing can reach it any more, end the call.
+        if not self._ending and self._closing is None:
+            self._closing = asyncio.ensure_future(self._close("data_channel_closed", 0.0))
 
     def _send(self, event: events.Event) -> None:
         text = json.dumps(event, ensure_ascii=False)
         channel = self._channel
         if channel is not None and channel.readyState == "open":
+            if (
+                channel.bufferedAmount > self._config.limits.channel_buffer_bytes
+                and event["type"] in DROPPABLE
+            ):
+                # The client is not reading: keep the buffer bounded, finals still go.
+                self.dropped_events += 1
+                self._observer.event_dropped("backpressure")
+                return
             channel.send(text)
         elif channel is None:
             if len(self._outbox) == self._outbox.maxlen:
                 self.dropped_events += 1  # oldest goes: the newest state matters most
+                self._observer.event_dropped("outbox_full")
             self._outbox.append(text)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -191,7 +271,7 @@ class CallSession:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             # Expected failures become events inside the tasks; anything else is a bug.
-            log.error("call %s: task failed", self.id, exc_info=task.exception())
+            self._log.error("call %s: task failed", self.id, exc_info=task.exception())
 
     # -- audio path --------------------------------------------------------------------
 
@@ -208,21 +288,72 @@ class CallSession:
                 if self._track.cancelled():  # close() before any audio arrived
                     return
                 raise
+            if not await self._wait_connected():
+                return
             await self._pump(track)
             await self._drain()
+            if self.end_reason == "max_duration":
+                # As OpenAI's Realtime API says it when a session reaches its maximum length.
+                limit = self._config.limits.max_call_s
+                self._send(events.error("session_expired", f"the call reached {limit:g} s"))
+            await self._flush_channel()
         finally:
-            await self.pc.close()
+            self._ending = True
+            await self._close_peer()
             self._mark_closed()
+
+    async def _close_peer(self) -> None:
+        """``pc.close()`` once, shared by every path that ends the call."""
+        if self._peer_closing is None:
+            self._peer_closing = asyncio.ensure_future(_close_peer(self.pc))
+        await asyncio.shield(self._peer_closing)
+
+    async def _flush_channel(self) -> None:
+        # aiortc's pc.close() aborts SCTP at once, dropping what the channel has not handed
+        # to SCTP yet: give the last events (a flushed utterance's completed) a moment.
+        channel = self._channel
+        if channel is None or channel.readyState != "open":
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FLUSH_TIMEOUT_S
+        while channel.bufferedAmount > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.02)  # the flush task sends the last chunk on a later turn
+
+    async def _wait_connected(self) -> bool:
+        """Until ICE + DTLS are up (so a slow set-up is not mistaken for a silent peer)."""
+        waiters = [
+            asyncio.ensure_future(self._peer_settled.wait()),
+            asyncio.ensure_future(self._stop_event.wait()),
+        ]
+        try:
+            await asyncio.wait(
+                waiters, timeout=CONNECT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        if self.pc.connectionState == "connected":
+            return True
+        if not self._peer_settled.is_set() and not self._stop_requested:
+            self.end_reason = self.end_reason or "connect_timeout"
+        return False
 
     async def _pump(self, track: MediaStreamTrack) -> None:
         audio = self._audio = AudioInput(track, self._config.audio.idle_timeout_s)
+        if self._stop_requested:
+            audio.stop()
         loop = asyncio.get_running_loop()
+        lag = AudioLagMeter()
         async for chunk in audio.chunks():
             async with self._detector_lock:
                 found = await loop.run_in_executor(
                     self._deps.executor, self._detector.process, chunk.samples
                 )
             self._handle(found)
+            if audio.end_reason is None:  # the resampler's tail comes after the end
+                late = lag.lag(chunk.received_at, len(chunk.samples), time.perf_counter())
+                self._observer.audio_lag(late)
         self.end_reason = self.end_reason or audio.end_reason
         async with self._detector_lock:
             found = await loop.run_in_executor(self._deps.executor, self._detector.flush)
@@ -247,7 +378,13 @@ class CallSession:
     def _mark_closed(self) -> None:
         if not self._closed.is_set():
             self._closed.set()
-            log.info("call %s ended (%s), %d utterances", self.id, self.end_reason, self.utterances)
+            if self._expiry is not None:
+                self._expiry.cancel()
+                self._expiry = None
+            self._log.info(
+                "call %s ended (%s), %d utterances", self.id, self.end_reason, self.utterances
+            )
+            self._observer.call_ended(self.end_reason or "closed")
             if self._on_closed is not None:
                 self._on_closed(self)
 
@@ -257,6 +394,7 @@ class CallSession:
         try:
             msg = events.parse_client_event(raw)
         except ProtocolError as exc:
+            self._observer.protocol_error(exc.code)
             self._send(events.error(exc.code, str(exc)))
             return
         self._spawn(self._apply(msg))
@@ -311,3 +449,26 @@ class CallSession:
                 if td.silence_duration_ms is not None
                 else self._options.min_silence_ms,
             )
+
+
+async def _close_peer(pc: RTCPeerConnection) -> None:
+    """Close a peer, even one aiortc left half-built.
+
+    An offer whose BUNDLE group names a missing mid leaves aiortc transceivers without a
+    transport; ``pc.close()`` then raises half-way and, having marked itself closing, hangs
+    every later call. So it is called once, and on failure the transports it did not reach
+    are stopped here (each releases its UDP sockets).
+    """
+    try:
+        await pc.close()
+    except Exception as exc:
+        log.warning("aiortc could not close a half-negotiated peer (%r): stopping its parts", exc)
+        transports = [t.receiver.transport for t in pc.getTransceivers()]
+        if pc.sctp is not None:
+            transports.append(pc.sctp.transport)
+        for dtls in transports:
+            if dtls is None:
+                continue
+            for part in (dtls, dtls.transport):
+                with contextlib.suppress(Exception):
+                    await part.stop()

@@ -3,7 +3,9 @@
 Start-up order: the HTTP listener comes up at once (``/healthz`` answers, ``/readyz`` says
 "loading"), then the engine is loaded and warmed up on its worker thread; only then is the
 server ready and offers are accepted. Shutdown closes every call (flushing open utterances),
-then the engine.
+then the engine. On SIGTERM the CLI first calls ``ServerState.drain``: new calls get
+``503 shutting_down`` while open ones get ``server.shutdown_grace_s`` to finish their
+utterances over their still-open data channels.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from agent.errors import EngineLoadError
 from agent.peer import restrict_host_addresses
 from agent.session import CallSession, SessionDeps
 from agent.vad import Vad, create_vad
-from signaling.errors import error_middleware
+from signaling.errors import ERROR_CODE, Handler, error_middleware
+from signaling.metrics import ServerMetrics
+from signaling.ratelimit import TokenBucketLimiter
+from signaling.security import Security
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,16 @@ class ServerState:
     calls: dict[str, CallSession] = field(default_factory=dict)
     #: The background engine load, when the server listens before it is ready.
     load_task: asyncio.Task[None] | None = None
+    #: HTTP requests being answered; the shutdown lets them finish within its grace.
+    inflight: int = 0
+    metrics: ServerMetrics = field(init=False)
+    #: ``limits.offers_per_minute_per_ip``; ``None`` when 0 (no limit).
+    offer_limiter: TokenBucketLimiter | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = ServerMetrics(lambda: len(self.calls), lambda: self.worker)
+        per_minute = self.config.limits.offers_per_minute_per_ip
+        self.offer_limiter = TokenBucketLimiter(per_minute) if per_minute else None
 
     async def load(self, engine: Engine | None = None) -> None:
         """Load the VAD and the engine (or use ``engine``), warm up, become ready."""
@@ -51,6 +66,7 @@ class ServerState:
             loop = asyncio.get_running_loop()
             self.vad = await loop.run_in_executor(self.executor, create_vad, self.config.vad)
             self.worker = await EngineWorker.start(self.config.engine, engine)
+            self.worker.on_batch = self.metrics.observe_batch
         except EngineLoadError as exc:
             self.status, self.error = "failed", str(exc)
             raise
@@ -62,7 +78,7 @@ class ServerState:
 
     def deps(self) -> SessionDeps:
         assert self.worker is not None and self.vad is not None
-        return SessionDeps(self.config, self.worker, self.vad, self.executor)
+        return SessionDeps(self.config, self.worker, self.vad, self.executor, self.metrics)
 
     def add_call(self, pc_id: str, session: CallSession) -> None:
         self.calls[pc_id] = session
@@ -71,6 +87,20 @@ class ServerState:
         for pc_id, known in list(self.calls.items()):
             if known is session:
                 del self.calls[pc_id]
+
+    async def drain(self, grace_s: float) -> None:
+        """Graceful stop (SIGTERM): refuse new calls, give the open ones ``grace_s`` to
+        finish their utterances (their ``completed`` still reaches the client) before they
+        are closed, and let HTTP requests in flight finish within the same grace."""
+        self.status = "stopping"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        sessions = list(self.calls.values())
+        log.info("draining: %d call(s), up to %.1f s", len(sessions), grace_s)
+        if sessions:
+            await asyncio.gather(*(s.close("server_shutdown", grace_s) for s in sessions))
+        while self.inflight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
 
     async def close(self) -> None:
         self.status = "stopping"
@@ -93,13 +123,30 @@ def create_app(config: Config) -> web.Application:
     from signaling.routes import setup_routes
 
     restrict_host_addresses(config.webrtc.host_addresses)
+    security = Security(config.server)
     app = web.Application(
-        middlewares=[error_middleware], client_max_size=config.server.max_body_bytes
+        # Outermost first: counting sees the JSON error; auth and CORS answer inside it.
+        middlewares=[_count_requests, error_middleware, security.middleware()],
+        client_max_size=config.server.max_body_bytes,
     )
     app[STATE] = ServerState(config)
     setup_routes(app, config)
+    app.on_response_prepare.append(security.on_response_prepare)
     app.on_shutdown.append(_on_shutdown)
     return app
+
+
+@web.middleware
+async def _count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    state = request.app[STATE]
+    state.inflight += 1
+    try:
+        return await handler(request)
+    finally:
+        state.inflight -= 1
+        code = request.get(ERROR_CODE)
+        if code:
+            state.metrics.http_error(code)
 
 
 async def _on_shutdown(app: web.Application) -> None:
@@ -136,7 +183,13 @@ async def start_server(
     closed); without it, loading continues in the background and ``/readyz`` reports it.
     """
     app = create_app(config)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # In-flight requests get the shutdown grace (after ``drain`` there should be none left).
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=max(1.0, config.server.shutdown_grace_s),
+    )
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port)
     await site.start()

@@ -17,10 +17,12 @@ log = logging.getLogger(__name__)
 _CODES = {
     400: "bad_request",
     401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     413: "request_too_large",
     415: "unsupported_media_type",
+    429: "rate_limit_exceeded",
     503: "unavailable",
 }
 
@@ -58,6 +60,9 @@ def json_error(
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+#: Where the middleware leaves the code of the JSON error it answered (for metrics).
+ERROR_CODE: web.RequestKey[str] = web.RequestKey("error_code", str)
+
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -67,6 +72,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             raise response  # a returned (not raised) aiohttp error: same JSON shape
         return response
     except ApiError as exc:
+        request[ERROR_CODE] = exc.code
         return exc.response()
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -77,7 +83,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         for key in ("Allow", "Retry-After"):
             if key in exc.headers:
                 resp.headers[key] = exc.headers[key]
+        request[ERROR_CODE] = code
         return resp
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
+        request[ERROR_CODE] = "internal_error"
         return json_error(500, "internal_error", "internal server error", "server_error")

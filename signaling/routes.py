@@ -1,10 +1,11 @@
 """HTTP routes: WebRTC offer/answer and trickle ICE (Pipecat SmallWebRTC shape), page config,
-health, readiness, and the static page."""
+health, readiness, Prometheus metrics, and the static page."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any
 
 from aiohttp import web
@@ -16,6 +17,7 @@ from agent.peer import ice_servers_for_browser, new_peer_connection
 from agent.session import CallSession
 from signaling.app import STATE, ServerState
 from signaling.errors import ApiError
+from signaling.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from signaling.transcriptions import setup_transcription_routes
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,7 @@ def setup_routes(app: web.Application, config: Config) -> None:
     app.router.add_get("/api/config", page_config)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     setup_transcription_routes(app)
     web_path = config.server.web_path
     if web_path.is_dir():
@@ -65,6 +68,14 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 
 def _ready_state(request: web.Request) -> ServerState:
     state = request.app[STATE]
+    if state.status == "stopping":
+        raise ApiError(
+            503,
+            "shutting_down",
+            "the server is shutting down and takes no new calls",
+            type_="server_error",
+            headers={"Retry-After": "5"},
+        )
     if state.status != "ready":
         raise ApiError(
             503,
@@ -78,6 +89,7 @@ def _ready_state(request: web.Request) -> ServerState:
 
 async def offer(request: web.Request) -> web.Response:
     """``POST /api/offer``: a new call, or ``pc_id`` (+ ``restart_pc``) for an existing one."""
+    _check_offer_rate(request)
     body = await _json_body(request)
     state = _ready_state(request)
     sdp, kind = body.get("sdp"), body.get("type")
@@ -122,8 +134,25 @@ async def offer(request: web.Request) -> web.Response:
     new_id = pc_id or session.id
     state.add_call(new_id, session)
     session.start()
+    state.metrics.calls_started.inc()
     log.info("call %s started from %s", new_id, request.remote)
     return web.json_response({"sdp": answer.sdp, "type": answer.type, "pc_id": new_id})
+
+
+def _check_offer_rate(request: web.Request) -> None:
+    """``limits.offers_per_minute_per_ip``: every offer attempt takes a token, good or bad."""
+    limiter = request.app[STATE].offer_limiter
+    if limiter is None:
+        return
+    wait = limiter.take(request.remote or "unknown")
+    if wait > 0:
+        raise ApiError(
+            429,
+            "rate_limit_exceeded",
+            "too many offers from this address; retry later",
+            type_="rate_limit_error",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
 
 
 async def _answer(pc: Any, description: RTCSessionDescription) -> RTCSessionDescription:
@@ -201,10 +230,23 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """200 when calls can be served well. ``degraded`` (503): an engine call passed the
+    watchdog and has not returned; calls are still accepted on a fresh engine thread, but a
+    GPU engine that stays wedged needs a restart."""
     state = request.app[STATE]
-    body: dict[str, Any] = {"status": state.status}
+    status: str = state.status
+    body: dict[str, Any] = {"status": status}
     if state.worker is not None:
         body["engine"] = state.worker.engine.name
+        if status == "ready" and state.worker.degraded:
+            status = body["status"] = "degraded"
+            body["engine_timeouts"] = state.worker.timeouts
     if state.error:
         body["error"] = state.error
-    return web.json_response(body, status=200 if state.status == "ready" else 503)
+    return web.json_response(body, status=200 if status == "ready" else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format (behind the bearer token when ``server.auth_tokens`` is set)."""
+    body = request.app[STATE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})

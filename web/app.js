@@ -27,6 +27,7 @@ const ui = {
   clear: $("#clear"),
   settings: $("#settings-form"),
   settingsNote: $("#settings-note"),
+  token: $("#token"),
 };
 
 // Longest wait for ICE gathering. Host candidates arrive in milliseconds; an unreachable STUN
@@ -34,6 +35,10 @@ const ui = {
 // have are enough for a server on the same network.
 const ICE_GATHER_TIMEOUT_MS = 3000;
 const SETTINGS_KEY = "voxtral-rtc.settings";
+// The access token (server.auth_tokens) lives only in this tab's sessionStorage: the page
+// itself holds no secret, and the token is gone when the tab closes.
+const TOKEN_KEY = "voxtral-rtc.token";
+const AUTH_CODES = new Set(["unauthorized", "invalid_token"]);
 const STATE_LABELS = {
   idle: "Idle",
   connecting: "Connecting…",
@@ -108,9 +113,22 @@ async function readJson(response) {
   return body;
 }
 
+/** The Authorization header for the API when the person entered a token. */
+function authHeaders() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
 async function fetchConfig() {
-  const response = await fetch("/api/config", { cache: "no-store" });
+  const response = await fetch("/api/config", { cache: "no-store", headers: authHeaders() });
   return readJson(response);
+}
+
+function showConfigError(err) {
+  const needsToken = err && AUTH_CODES.has(err.code);
+  ui.engine.textContent = needsToken ? "access token needed" : "server unreachable";
+  ui.engine.title = needsToken ? "Enter the server's access token under Settings" : "";
+  ui.engine.classList.add("badge-warn");
 }
 
 function showEngine(config) {
@@ -479,7 +497,7 @@ async function start() {
 
     const response = await fetch("/api/offer", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: { "Content-Type": "application/json", ...authHeaders() },
       body: JSON.stringify({ sdp: c.pc.localDescription.sdp, type: "offer" }),
     });
     const answer = await readJson(response);
@@ -489,7 +507,10 @@ async function start() {
   } catch (err) {
     if (call !== c) return;
     console.error(err);
-    showError(err.message || String(err), { title: "Could not start the call", code: err.code });
+    const message = AUTH_CODES.has(err.code)
+      ? "This server needs an access token: enter it under Settings, then Apply."
+      : err.message || String(err);
+    showError(message, { title: "Could not start the call", code: err.code });
     end(c, "failed");
   }
 }
@@ -592,6 +613,10 @@ ui.settings.addEventListener("submit", (ev) => {
   ev.preventDefault();
   const s = readSettingsForm();
   localStorage.setItem(SETTINGS_KEY, JSON.stringify(s));
+  const token = ui.token.value.trim();
+  if (token) sessionStorage.setItem(TOKEN_KEY, token);
+  else sessionStorage.removeItem(TOKEN_KEY);
+  fetchConfig().then(showEngine).catch(showConfigError);
   if (call && call.dc && call.dc.readyState === "open") {
     call.dc.send(JSON.stringify(sessionUpdate(s)));
     ui.settingsNote.textContent = "Sent to the current call; kept for the next ones.";
@@ -604,11 +629,7 @@ ui.settings.addEventListener("submit", (ev) => {
 window.addEventListener("pagehide", () => stop("closed"));
 
 fillSettingsForm(loadSettings());
+ui.token.value = sessionStorage.getItem(TOKEN_KEY) || "";
 setState("idle");
 refreshListChrome();
-fetchConfig()
-  .then(showEngine)
-  .catch(() => {
-    ui.engine.textContent = "server unreachable";
-    ui.engine.classList.add("badge-warn");
-  });
+fetchConfig().then(showEngine).catch(showConfigError);

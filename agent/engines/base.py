@@ -47,6 +47,9 @@ class Engine(ABC):
     name: str = "engine"
     #: How many ``transcribe`` calls this instance can run at once (from different threads).
     max_lanes: int = 1
+    #: Largest batch decoded in one forward. An engine that loops over the items says 1:
+    #: batching it would only make each item wait for the others.
+    max_batch: int = 256
 
     @abstractmethod
     def transcribe(self, batch: Sequence[EngineRequest]) -> list[EngineResult]:

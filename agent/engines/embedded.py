@@ -15,6 +15,8 @@ from agent.errors import EngineLoadError
 
 class EmbeddedWhisperEngine(Engine):
     name = "whisper-tiny.en"
+    # faster-whisper decodes one utterance per call: parallelism comes from lanes instead.
+    max_batch = 1
 
     def __init__(self, config: EngineConfig) -> None:
         try:

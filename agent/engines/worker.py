@@ -7,15 +7,23 @@ interims; with more than one lane, lane 0 takes finals only, so a final never wa
 an interim. An interim that waited longer than one interim interval is skipped (a newer one
 is due anyway) and counted. A batch that raises is retried item by item so one bad
 utterance fails alone. The queue is bounded: past ``max_queue`` a request fails at once.
+
+A watchdog bounds every engine call to ``watchdog_s``: a call that hangs fails its utterances
+with ``engine_timeout`` and its thread pool is abandoned for a fresh one, so later utterances
+still run. Python cannot kill a thread: the hung call keeps its thread (and, for a GPU engine,
+possibly the device) until it returns; ``degraded`` says so until then, and ``/readyz``
+reports it. A GPU engine that never returns needs a restart of the process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -73,6 +81,11 @@ class EngineWorker:
         self.completed = 0
         self.failed = 0
         self.completed_interims = 0
+        #: Engine calls stopped by the watchdog, and those of them still running (abandoned).
+        self.timeouts = 0
+        self._hung: set[concurrent.futures.Future[list[EngineResult]]] = set()
+        #: Called after every engine call with (priority, batch size, seconds): metrics.
+        self.on_batch: Callable[[Priority, int, float], None] | None = None
 
     @classmethod
     async def start(cls, config: EngineConfig, engine: Engine | None = None) -> EngineWorker:
@@ -100,6 +113,20 @@ class EngineWorker:
     @property
     def queue_depth(self) -> int:
         return sum(len(q) for q in self._queues.values())
+
+    @property
+    def degraded(self) -> bool:
+        """An engine call passed the watchdog and has still not returned."""
+        return bool(self._hung)
+
+    def lag_ms(self) -> float:
+        """How long the oldest final still waiting for the engine has waited: 0 when none
+        waits, and growing when the engine falls behind real time."""
+        now = time.perf_counter()
+        for job in self._queues[Priority.FINAL]:
+            if not job.future.done():
+                return (now - job.submitted) * 1000
+        return 0.0
 
     async def transcribe(
         self, request: EngineRequest, priority: Priority = Priority.FINAL
@@ -135,8 +162,13 @@ class EngineWorker:
                 if not job.future.done():
                     job.future.set_exception(EngineError("server shutting down", "shutdown"))
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self.engine.close)
-        self._executor.shutdown(wait=True)
+        closing = loop.run_in_executor(self._executor, self.engine.close)
+        try:
+            await asyncio.wait_for(closing, self._config.watchdog_s)
+        except TimeoutError:
+            log.error("the engine did not close within %g s", self._config.watchdog_s)
+        # A hung engine thread cannot be joined; waiting for it would hang the shutdown.
+        self._executor.shutdown(wait=not self.degraded and closing.done())
 
     def _has_work(self, finals_only: bool) -> bool:
         if finals_only:
@@ -180,28 +212,21 @@ class EngineWorker:
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Job]) -> None:
         started = time.perf_counter()
         requests = [job.request for job in batch]
-        results: list[EngineResult | BaseException]
+        results: Sequence[EngineResult | BaseException]
         try:
-            results = list(
-                await loop.run_in_executor(self._executor, self.engine.transcribe, requests)
-            )
+            results = await self._call(requests)
             if len(results) != len(batch):
                 raise EngineError(f"engine returned {len(results)} results for {len(batch)}")
-        except Exception as exc:
-            if len(batch) == 1:
-                results = [exc]
+        except EngineError as exc:
+            if exc.code != "engine_timeout" and len(batch) > 1:
+                results = await self._one_by_one(requests)
             else:
-                # Retry one by one so a single bad utterance does not fail its neighbours.
-                results = []
-                for request in requests:
-                    try:
-                        (one,) = await loop.run_in_executor(
-                            self._executor, self.engine.transcribe, [request]
-                        )
-                        results.append(one)
-                    except Exception as item_exc:
-                        results.append(item_exc)
+                results = [exc] * len(batch)  # a hung engine would hang again item by item
+        except Exception as exc:
+            results = [exc] if len(batch) == 1 else await self._one_by_one(requests)
         engine_ms = (time.perf_counter() - started) * 1000
+        if self.on_batch is not None:
+            self.on_batch(batch[0].priority, len(batch), engine_ms / 1000)
         for job, result in zip(batch, results, strict=True):
             if job.future.done():
                 continue
@@ -224,3 +249,51 @@ class EngineWorker:
                     batch_size=len(batch),
                 )
             )
+
+    async def _one_by_one(
+        self, requests: list[EngineRequest]
+    ) -> list[EngineResult | BaseException]:
+        """Retry a failed batch item by item so one bad utterance does not fail its neighbours."""
+        results: list[EngineResult | BaseException] = []
+        for request in requests:
+            hung = [r for r in results if isinstance(r, EngineError) and r.code == "engine_timeout"]
+            if hung:  # the engine hangs: do not feed it the rest one watchdog period each
+                results.append(hung[0])
+                continue
+            try:
+                (one,) = await self._call([request])
+                results.append(one)
+            except Exception as item_exc:
+                results.append(item_exc)
+        return results
+
+    async def _call(self, requests: list[EngineRequest]) -> list[EngineResult]:
+        """One ``Engine.transcribe`` on the engine's threads, bounded by the watchdog."""
+        executor = self._executor
+        future = executor.submit(self.engine.transcribe, requests)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self._config.watchdog_s)
+        except TimeoutError:
+            self._abandon(executor, future)
+            raise EngineError(
+                f"the engine did not answer within {self._config.watchdog_s:g} s",
+                "engine_timeout",
+            ) from None
+
+    def _abandon(
+        self, executor: ThreadPoolExecutor, future: concurrent.futures.Future[list[EngineResult]]
+    ) -> None:
+        """Leave a hung call's threads behind and carry on with a fresh pool."""
+        self.timeouts += 1
+        if not future.done():
+            self._hung.add(future)
+            # Runs in the engine thread when (if ever) the hung call returns.
+            future.add_done_callback(self._hung.discard)
+        if executor is self._executor:
+            log.error(
+                "engine call hung for over %g s: its thread is abandoned, a new one serves",
+                self._config.watchdog_s,
+            )
+            self._executor = ThreadPoolExecutor(max_workers=self.lanes, thread_name_prefix="engine")
+            # The other lanes' calls on the old pool still finish; the pool then winds down.
+            executor.shutdown(wait=False)

@@ -1,0 +1,284 @@
+"""Capacity: the most simultaneous calls one server process holds with every frame on time
+and finals fast enough. ::
+
+    .venv/bin/python bench/capacity.py                       # ramp 1 2 4 8 12 16 20 24 32
+    .venv/bin/python bench/capacity.py --calls 1 4 8 --no-save
+
+The server runs as a subprocess (``python -m signaling.cli serve``, its CPU measured alone)
+with the default configuration (embedded Whisper tiny.en, Silero VAD) forced onto 127.0.0.1.
+For each call count N, in turn, N aiortc clients in this process play the speech file at
+once (starts staggered over ``--stagger-ms``), exactly as ``bench/latency.py`` does (its phase
+runner is reused), and the server's ``/metrics`` are read before and after. A count passes
+when all three hold:
+
+1. **every frame on time**: no chunk of any call's audio was more than ``--late-ms`` behind
+   real time when the VAD had processed it (``voxtral_rtc_audio_lag_seconds``: processing
+   time minus the earliest time the audio could have been complete, so network delay
+   cancels out and a stalled loop, an overloaded VAD pool or a jitter-buffer burst shows);
+2. **fast finals**: p95 of end of speech -> ``completed`` at the client <= ``--p95-ms``;
+3. **nothing lost**: every utterance of every call has its ``completed`` (none failed).
+
+The ramp stops after the first count that fails (``--keep-going`` runs them all). The
+capacity is the largest passing count. The clients share the machine with the server: on a
+small machine their CPU (Opus encoding, SRTP, aiortc) is reported as *bench CPU %*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agent.peer import restrict_host_addresses
+from bench.common import (
+    LOOPBACK,
+    REPO_ROOT,
+    RESULTS_DIR,
+    free_port,
+    loopback_config,
+    machine_info,
+    markdown_table,
+    save_results,
+    subprocess_server,
+)
+from bench.latency import offline_utterances, run_phase
+from signaling.client import read_audio
+
+LAG = "voxtral_rtc_audio_lag_seconds"
+
+
+async def scrape(url: str) -> dict[str, float]:
+    """The audio-lag histogram's cumulative buckets (by ``le``) and count, from ``/metrics``."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        async with http.get(f"{url}/metrics") as resp:
+            text = await resp.text()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != LAG:
+            continue
+        for sample in family.samples:
+            if sample.name == f"{LAG}_bucket":
+                out[sample.labels["le"]] = sample.value
+            elif sample.name == f"{LAG}_count":
+                out["count"] = sample.value
+    return out
+
+
+def lag_summary(
+    before: dict[str, float], after: dict[str, float], late_ms: float
+) -> dict[str, Any]:
+    """Chunks processed in the phase, how many were late, and the bucket of the latest."""
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    total = delta.get("count", 0.0)
+    bounds = sorted((float(k), v) for k, v in delta.items() if k not in ("count", "+Inf"))
+    on_time = max((v for b, v in bounds if b <= late_ms / 1000), default=0.0)
+    worst = next((b for b, v in bounds if v >= total), float("inf"))
+    within_100 = max((v for b, v in bounds if b <= 0.1), default=0.0)
+    return {
+        "chunks": int(total),
+        "late": int(total - on_time),
+        "over_100ms": int(total - within_100),
+        "max_bucket_ms": None if worst == float("inf") else round(worst * 1000),
+    }
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    restrict_host_addresses([LOOPBACK])
+    samples = read_audio(args.audio)
+    load_before = os.getloadavg()[0]
+    phases: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-capacity-") as tmp:
+        base = Path(tmp) / "base.yaml"
+        raw: dict[str, Any] = (
+            yaml.safe_load(args.config.read_text()) if args.config else None
+        ) or {}
+        raw.setdefault("limits", {})["offers_per_minute_per_ip"] = 0  # one address, many calls
+        base.write_text(yaml.safe_dump(raw))
+        port = free_port()
+        config = loopback_config(base, port, Path(tmp) / "server.yaml", max(args.calls))
+        offline = offline_utterances(samples, config)
+        phase_args = argparse.Namespace(
+            seed=args.seed,
+            stagger_ms=args.stagger_ms,
+            tail_timeout_s=args.tail_timeout_s,
+            match_tolerance_ms=400.0,
+        )
+        async with subprocess_server(Path(tmp) / "server.yaml", port) as server:
+            engine = server.engine
+            for n in args.calls:
+                before = await scrape(server.url)
+                phase = await run_phase(server, config, samples, offline, n, 1, phase_args)
+                lag = lag_summary(before, await scrape(server.url), args.late_ms)
+                p95 = phase["summary"]["end_to_final_ms"]["p95"]
+                counts = phase["counts"]
+                checks = {
+                    "frames_on_time": lag["late"] == 0,
+                    "p95_ok": p95 is not None and p95 <= args.p95_ms,
+                    "none_lost": counts["completed"] == counts["expected"]
+                    and not counts["failed"]
+                    and not counts["call_errors"],
+                }
+                phase.update(audio_lag=lag, checks=checks, passed=all(checks.values()))
+                phases.append(phase)
+                print(
+                    f"  -> {n} calls: {'PASS' if phase['passed'] else 'FAIL'} {checks}; "
+                    f"late chunks {lag['late']}/{lag['chunks']}, max lag bucket "
+                    f"{lag['max_bucket_ms']} ms",
+                    file=sys.stderr,
+                )
+                if not phase["passed"] and not args.keep_going:
+                    break
+                await asyncio.sleep(args.settle_s)
+    passing = [p["calls"] for p in phases if p["passed"]]
+    capacity = 0
+    for p in phases:  # the largest count with every count up to it passing
+        if not p["passed"]:
+            break
+        capacity = p["calls"]
+    return {
+        "benchmark": "capacity",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": shlex.join([_shown(Path(sys.executable)), *sys.argv]),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": {**machine_info(), "load_avg_1m": [load_before, os.getloadavg()[0]]},
+        "engine": engine,
+        "config": asdict(config),
+        "audio": {"path": _shown(args.audio), "seconds": round(len(samples) / 16_000, 2)},
+        "criteria": {"late_ms": args.late_ms, "p95_ms": args.p95_ms},
+        "capacity": capacity,
+        "passing": passing,
+        "phases": phases,
+    }
+
+
+def render(report: dict[str, Any]) -> str:
+    crit, machine = report["criteria"], report["machine"]
+    rows = []
+    for p in report["phases"]:
+        s, c, lag = p["summary"]["end_to_final_ms"], p["counts"], p["audio_lag"]
+        rows.append(
+            [
+                p["calls"],
+                "pass" if p["passed"] else "FAIL",
+                f"{c['completed']}/{c['expected']}",
+                c["failed"] + c["call_errors"],
+                "—" if s["p50"] is None else f"{s['p50']:.0f} / {s['p95']:.0f}",
+                f"{lag['late']}/{lag['chunks']}",
+                lag["over_100ms"],
+                "—" if lag["max_bucket_ms"] is None else f"≤ {lag['max_bucket_ms']}",
+                p["server_load_pct"],
+                p["bench_cpu_pct"],
+                p.get("other_cpu_pct", "—"),
+                p["engine_busy_pct"],
+                p["wall_s"],
+            ]
+        )
+    headers = (
+        "calls",
+        "result",
+        "finals",
+        "failed",
+        "end of speech → final p50 / p95 ms",
+        f"chunks > {crit['late_ms']:.0f} ms late",
+        "> 100 ms",
+        "worst lag ms",
+        "server CPU %",
+        "bench CPU %",
+        "other CPU %",
+        "engine busy %",
+        "wall s",
+    )
+    cfg = report["config"]
+    return "\n".join(
+        [
+            "# Capacity (bench/capacity.py)",
+            "",
+            f"- date: {report['date']}",
+            f"- command: `{report['command']}`",
+            f"- machine: {machine['cpu_count']} CPUs ({machine['cpu_model']}); 1-min load "
+            f"average {machine['load_avg_1m'][0]:.2f} before, {machine['load_avg_1m'][1]:.2f} "
+            "after",
+            f"- server: subprocess; engine {report['engine']} (lanes {cfg['engine']['lanes']}, "
+            f"beam {cfg['engine']['beam_size']}, interims every "
+            f"{cfg['engine']['interim_interval_ms']} ms); VAD {cfg['vad']['kind']}",
+            f"- audio: {report['audio']['path']} ({report['audio']['seconds']} s) per call",
+            f"- pass = no audio chunk more than {crit['late_ms']:.0f} ms behind real time at "
+            f"the VAD, p95 end of speech → final ≤ {crit['p95_ms']:.0f} ms, no final lost",
+            "",
+            f"**Capacity: {report['capacity']} simultaneous calls.**",
+            "",
+            markdown_table(headers, rows),
+            "",
+            "*worst lag* is the upper bound of the audio-lag histogram bucket holding the "
+            "latest chunk; *server CPU %* is the server process's CPU seconds / wall seconds "
+            "(200 % = both cores); *bench CPU %* the same for the clients; *other CPU %* "
+            "everything else the machine ran meanwhile (noise).",
+        ]
+    )
+
+
+def _shown(path: Path) -> str:
+    path = path.absolute()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Most simultaneous calls one server holds with frames on time and fast "
+        "finals (all on 127.0.0.1).",
+        epilog="example: .venv/bin/python bench/capacity.py --calls 1 2 4 8 12 16",
+    )
+    p.add_argument("--audio", type=Path, default=REPO_ROOT / "tests/data/beckett.wav")
+    p.add_argument(
+        "--calls",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4, 8, 12, 16, 20, 24, 32],
+        help="call counts, ramped in this order (default: 1 2 4 8 12 16 20 24 32)",
+    )
+    p.add_argument("--config", type=Path, help="base YAML for the server (default: defaults)")
+    p.add_argument("--late-ms", type=float, default=200.0, help="a chunk later is late (200)")
+    p.add_argument("--p95-ms", type=float, default=2000.0, help="p95 end->final bound (2000)")
+    p.add_argument("--stagger-ms", type=float, default=200.0, help="call start spread (200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--tail-timeout-s", type=float, default=30.0, help="wait for finals after the audio (30)"
+    )
+    p.add_argument("--settle-s", type=float, default=2.0, help="pause between counts (2)")
+    p.add_argument("--keep-going", action="store_true", help="run every count, even after a fail")
+    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--no-save", action="store_true", help="print the table only")
+    args = p.parse_args(argv)
+    if min(args.calls) < 1:
+        p.error("--calls must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    report = asyncio.run(bench(args))
+    markdown = render(report)
+    print(markdown)
+    if not args.no_save:
+        for path in save_results("capacity", report, markdown, args.out_dir):
+            print(f"saved {_shown(path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
