@@ -212,7 +212,7 @@ class FileTranscriber:
             prompt=options.prompt,
         )
         return asyncio.create_task(
-            self._worker.transcribe(request, Priority.FINAL), name=f"file-piece-{piece.index}"
+            self._worker.transcribe(request, Priority.FILE), name=f"file-piece-{piece.index}"
         )
 
 

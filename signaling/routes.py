@@ -12,8 +12,8 @@ from aiohttp import web
 from aiortc import RTCSessionDescription
 from aiortc.sdp import candidate_from_sdp
 
-from agent.config import Config
-from agent.peer import ice_servers_for_browser, new_peer_connection
+from agent.config import Config, WebRTCConfig
+from agent.peer import ice_servers_for_browser, new_peer_connection, set_audio_jitter_prefetch
 from agent.session import CallSession
 from signaling.app import STATE, ServerState
 from signaling.errors import ApiError
@@ -110,7 +110,7 @@ async def offer(request: web.Request) -> web.Response:
             raise ApiError(404, "unknown_pc_id", f"no call with pc_id {pc_id!r}")
         if not body.get("restart_pc"):
             # Renegotiation on the same peer (tracks added or changed by the client).
-            answer = await _answer(existing.pc, description)
+            answer = await _answer(existing.pc, description, state.config.webrtc)
             return web.json_response({"sdp": answer.sdp, "type": answer.type, "pc_id": pc_id})
         # Restart: the old peer is closed (its open utterance flushed) and replaced by a
         # new one under the same pc_id, as Pipecat's SmallWebRTC does.
@@ -127,7 +127,7 @@ async def offer(request: web.Request) -> web.Response:
     pc = new_peer_connection(state.config.webrtc)
     session = CallSession(pc, state.deps(), on_closed=state.forget)
     try:
-        answer = await _answer(pc, description)
+        answer = await _answer(pc, description, state.config.webrtc)
     except ApiError:
         await session.close("bad_offer")
         raise
@@ -155,16 +155,21 @@ def _check_offer_rate(request: web.Request) -> None:
         )
 
 
-async def _answer(pc: Any, description: RTCSessionDescription) -> RTCSessionDescription:
+async def _answer(
+    pc: Any, description: RTCSessionDescription, config: WebRTCConfig
+) -> RTCSessionDescription:
     try:
         await pc.setRemoteDescription(description)
     except Exception as exc:  # aiortc raises ValueError, KeyError... for bad SDP
-        raise ApiError(400, "invalid_sdp", f"cannot use this SDP offer: {exc}") from None
+        log.info("unusable SDP offer: %r", exc)  # aiortc internals stay in the log
+        raise ApiError(400, "invalid_sdp", "the SDP offer could not be applied") from None
+    set_audio_jitter_prefetch(pc, config.jitter_prefetch_frames)
     try:
         answer = await pc.createAnswer()
         await pc.setLocalDescription(answer)
     except Exception as exc:
-        raise ApiError(400, "invalid_sdp", f"cannot answer this SDP offer: {exc}") from None
+        log.info("cannot answer SDP offer: %r", exc)
+        raise ApiError(400, "invalid_sdp", "the SDP offer could not be answered") from None
     local = pc.localDescription
     assert local is not None
     return local  # type: ignore[no-any-return]

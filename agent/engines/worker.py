@@ -36,8 +36,12 @@ log = logging.getLogger(__name__)
 
 
 class Priority(IntEnum):
+    """Served in this order. Live finals first: a person is waiting for them; recorded-file
+    pieces next; interims last (and skipped when stale)."""
+
     FINAL = 0
-    INTERIM = 1
+    FILE = 1
+    INTERIM = 2
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,9 @@ class EngineWorker:
         self.engine = engine
         self._config = config
         self.lanes = max(1, min(config.lanes, engine.max_lanes))
+        #: An engine that loops over items gains nothing from batches: each item would only
+        #: wait for the others (measured by bench/latency.py), so it gets batches of one.
+        self.max_batch = max(1, min(config.max_batch, engine.max_batch))
         self._queues: dict[Priority, deque[_Job]] = {p: deque() for p in Priority}
         self._work = asyncio.Condition()
         # The engine's threads for its whole life: load, warm-up and every batch run here,
@@ -180,7 +187,7 @@ class EngineWorker:
         while True:
             async with self._work:
                 await self._work.wait_for(lambda: self._has_work(finals_only))
-            if self._config.max_wait_ms and self.queue_depth < self._config.max_batch:
+            if self._config.max_wait_ms and self.queue_depth < self.max_batch > 1:
                 # Give other calls' utterances that arrive in the same instant a chance to
                 # share this forward; bounded so a lone utterance is barely delayed.
                 await asyncio.sleep(self._config.max_wait_ms / 1000)
@@ -194,7 +201,7 @@ class EngineWorker:
         stale_after = self._config.interim_interval_ms / 1000
         for priority in (Priority.FINAL,) if finals_only else tuple(Priority):
             queue = self._queues[priority]
-            while queue and len(batch) < self._config.max_batch:
+            while queue and len(batch) < self.max_batch:
                 job = queue.popleft()
                 if job.future.done():  # withdrawn: call ended, speculation voided
                     continue

@@ -226,3 +226,14 @@ async def test_restart_pc_replaces_the_peer_under_the_same_id(
             assert old.utterances == 1  # the phrase open at restart was flushed
             new = server.state.calls[first.pc_id]
             assert new is not old and not new.closed
+
+
+async def test_audio_jitter_buffer_holds_one_frame(
+    server: RunningServer, beckett_audio: npt.NDArray[np.float32]
+) -> None:
+    """aiortc's default holds 4 frames (80 ms) before decoding; the server is set to 1."""
+    async with RealtimeClient(server.url) as client:
+        await client.connect(ArrayAudioTrack(beckett_audio[:16000]))
+        session = server.state.calls[client.pc_id]
+        (receiver,) = [r for r in session.pc.getReceivers() if r._RTCRtpReceiver__kind == "audio"]
+        assert receiver._RTCRtpReceiver__jitter_buffer._prefetch == 1

@@ -162,3 +162,39 @@ async def test_second_lane_keeps_finals_free_of_interims() -> None:
         assert (await interim).text == "t7"
     finally:
         await worker.close()
+
+
+async def test_live_finals_before_file_pieces_before_interims() -> None:
+    engine = SlowEcho(0.1)
+    worker = await start(engine, max_batch=1, interim_interval_ms=5000)
+    try:
+        busy = asyncio.ensure_future(worker.transcribe(EngineRequest(audio(1))))
+        await asyncio.sleep(0.03)
+        queued = [
+            asyncio.ensure_future(worker.transcribe(EngineRequest(audio(tag)), prio))
+            for tag, prio in (
+                (30, Priority.INTERIM),
+                (20, Priority.FILE),
+                (10, Priority.FINAL),
+                (21, Priority.FILE),
+            )
+        ]
+        await asyncio.gather(busy, *queued)
+        assert [b[0] for b in engine.batches] == [1, 10, 20, 21, 30]
+    finally:
+        await worker.close()
+
+
+async def test_engine_that_loops_over_items_gets_batches_of_one() -> None:
+    engine = SlowEcho(0.05)
+    engine.max_batch = 1  # like the embedded Whisper engine
+    worker = await start(engine, max_batch=8)
+    try:
+        results = await asyncio.gather(
+            *(worker.transcribe(EngineRequest(audio(i))) for i in range(1, 4))
+        )
+        assert engine.batches == [[1], [2], [3]]
+        # Each item reports its own engine time, not a whole batch's.
+        assert all(r.batch_size == 1 and r.engine_ms < 150 for r in results)
+    finally:
+        await worker.close()
