@@ -5,6 +5,8 @@ Nothing else in the project touches aioice internals or builds an ``RTCConfigura
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Sequence
 
 import aioice.ice
@@ -12,6 +14,8 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
 from aiortc.jitterbuffer import JitterBuffer
 
 from agent.config import WebRTCConfig
+
+log = logging.getLogger(__name__)
 
 _original_get_host_addresses = aioice.ice.get_host_addresses
 
@@ -83,3 +87,26 @@ def ice_servers_for_browser(config: WebRTCConfig) -> list[dict[str, object]]:
             entry["credential"] = s.credential
         out.append(entry)
     return out
+
+
+async def close_peer(pc: RTCPeerConnection) -> None:
+    """Close a peer, even one aiortc left half-built.
+
+    An offer whose BUNDLE group names a missing mid leaves aiortc transceivers without a
+    transport; ``pc.close()`` then raises half-way and, having marked itself closing, hangs
+    every later call. So it is called once, and on failure the transports it did not reach
+    are stopped here (each releases its UDP sockets).
+    """
+    try:
+        await pc.close()
+    except Exception as exc:
+        log.warning("aiortc could not close a half-negotiated peer (%r): stopping its parts", exc)
+        transports = [t.receiver.transport for t in pc.getTransceivers()]
+        if pc.sctp is not None:
+            transports.append(pc.sctp.transport)
+        for dtls in transports:
+            if dtls is None:
+                continue
+            for part in (dtls, dtls.transport):
+                with contextlib.suppress(Exception):
+                    await part.stop()

@@ -12,7 +12,7 @@ detection off, audio accumulates until the client commits.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -46,6 +46,22 @@ class SegmenterOptions:
             prefix_padding_ms=segmenter.prefix_padding_ms,
             max_utterance_ms=int(segmenter.max_utterance_s * 1000),
         )
+
+    def with_turn_detection(
+        self,
+        threshold: float | None = None,
+        prefix_padding_ms: int | None = None,
+        silence_ms: int | None = None,
+    ) -> SegmenterOptions:
+        """Server VAD on, with the given settings changed (``None`` keeps the current one)."""
+        changes: dict[str, float | int | bool] = {"turn_detection": True}
+        if threshold is not None:
+            changes["threshold"] = threshold
+        if prefix_padding_ms is not None:
+            changes["prefix_padding_ms"] = prefix_padding_ms
+        if silence_ms is not None:
+            changes["min_silence_ms"] = silence_ms
+        return replace(self, **changes)  # type: ignore[arg-type]
 
     @property
     def neg_threshold(self) -> float:

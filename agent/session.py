@@ -40,6 +40,7 @@ from agent.engines.worker import EngineWorker
 from agent.errors import ProtocolError
 from agent.items import ENGINE_LAG, ItemPipeline
 from agent.observer import AudioLagMeter, CallObserver
+from agent.peer import close_peer
 from agent.segmenter import SegmenterOptions
 from agent.vad import Vad
 
@@ -305,7 +306,7 @@ class CallSession:
     async def _close_peer(self) -> None:
         """``pc.close()`` once, shared by every path that ends the call."""
         if self._peer_closing is None:
-            self._peer_closing = asyncio.ensure_future(_close_peer(self.pc))
+            self._peer_closing = asyncio.ensure_future(close_peer(self.pc))
         await asyncio.shield(self._peer_closing)
 
     async def _flush_channel(self) -> None:
@@ -438,37 +439,6 @@ class CallSession:
             self._options = replace(self._options, turn_detection=False)
         elif msg.turn_detection is not None:
             td = msg.turn_detection
-            self._options = replace(
-                self._options,
-                turn_detection=True,
-                threshold=td.threshold if td.threshold is not None else self._options.threshold,
-                prefix_padding_ms=td.prefix_padding_ms
-                if td.prefix_padding_ms is not None
-                else self._options.prefix_padding_ms,
-                min_silence_ms=td.silence_duration_ms
-                if td.silence_duration_ms is not None
-                else self._options.min_silence_ms,
+            self._options = self._options.with_turn_detection(
+                td.threshold, td.prefix_padding_ms, td.silence_duration_ms
             )
-
-
-async def _close_peer(pc: RTCPeerConnection) -> None:
-    """Close a peer, even one aiortc left half-built.
-
-    An offer whose BUNDLE group names a missing mid leaves aiortc transceivers without a
-    transport; ``pc.close()`` then raises half-way and, having marked itself closing, hangs
-    every later call. So it is called once, and on failure the transports it did not reach
-    are stopped here (each releases its UDP sockets).
-    """
-    try:
-        await pc.close()
-    except Exception as exc:
-        log.warning("aiortc could not close a half-negotiated peer (%r): stopping its parts", exc)
-        transports = [t.receiver.transport for t in pc.getTransceivers()]
-        if pc.sctp is not None:
-            transports.append(pc.sctp.transport)
-        for dtls in transports:
-            if dtls is None:
-                continue
-            for part in (dtls, dtls.transport):
-                with contextlib.suppress(Exception):
-                    await part.stop()
