@@ -91,8 +91,12 @@ class ReceivedEvent:
 class RealtimeClient:
     """One call to the server. ``async with RealtimeClient(url) as c: await c.connect(track)``."""
 
-    def __init__(self, base_url: str, webrtc: WebRTCConfig | None = None) -> None:
+    def __init__(
+        self, base_url: str, webrtc: WebRTCConfig | None = None, token: str | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
+        #: Bearer token for servers with ``server.auth_tokens`` set.
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.pc = RTCPeerConnection(configuration=rtc_configuration(webrtc or WebRTCConfig()))
         self.channel: RTCDataChannel | None = None
         self.pc_id: str | None = None
@@ -124,7 +128,7 @@ class RealtimeClient:
 
         await self.pc.setLocalDescription(await self.pc.createOffer())
         offer = self.pc.localDescription
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(headers=self._headers) as http:
             async with http.post(
                 f"{self.base_url}/api/offer", json={"sdp": offer.sdp, "type": offer.type}
             ) as resp:

@@ -475,3 +475,18 @@ async def test_sixteen_calls_at_once_on_the_embedded_engine_lose_nothing(
         print(f"{n_calls} calls, {2 * n_calls} finals in {elapsed:.1f} s")
     finally:
         await server.stop()
+
+
+async def test_python_client_calls_an_authenticated_server() -> None:
+    server = await start_server(make_config(SERVER__AUTH_TOKENS=f"[{TOKEN}]"), engine=Echo())
+    try:
+        silence = np.zeros(16000, np.float32)
+        async with RealtimeClient(server.url) as anonymous:
+            with pytest.raises(RuntimeError, match="401"):
+                await anonymous.connect(ArrayAudioTrack(silence))
+        async with RealtimeClient(server.url, token=TOKEN) as client:
+            await client.connect(ArrayAudioTrack(silence))
+            created = await client.next_event("session.created", timeout=10)
+            assert created.event["session"]["id"]
+    finally:
+        await server.stop()
