@@ -99,8 +99,9 @@ class WebRTCConfig:
     ice_servers: tuple[IceServer, ...] = ()
     #: Label of the data channel carrying the OpenAI Realtime events.
     data_channel: str = "oai-events"
-    #: Received audio frames held before decoding (aiortc's default is 4 = 80 ms of delay).
-    jitter_prefetch_frames: int = 1
+    #: Newer audio frames a received frame waits for before decoding: 0 hands each frame on
+    #: as soon as it is next in sequence; aiortc's own default is 4 (+80 ms of delay).
+    jitter_prefetch_frames: int = 0
 
     def validate(self) -> None:
         for addr in self.host_addresses:
@@ -111,7 +112,7 @@ class WebRTCConfig:
         for server in self.ice_servers:
             server.validate()
         _check(
-            1 <= self.jitter_prefetch_frames <= 16, "webrtc.jitter_prefetch_frames", "must be 1..16"
+            0 <= self.jitter_prefetch_frames <= 15, "webrtc.jitter_prefetch_frames", "must be 0..15"
         )
 
 

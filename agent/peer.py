@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import aioice.ice
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
-from aiortc.jitterbuffer import JitterBuffer
+from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 
 from agent.config import WebRTCConfig
 
@@ -58,22 +58,44 @@ def new_peer_connection(config: WebRTCConfig) -> RTCPeerConnection:
     return RTCPeerConnection(configuration=rtc_configuration(config))
 
 
-def set_audio_jitter_prefetch(pc: RTCPeerConnection, frames: int) -> None:
-    """Release each received audio frame once ``frames`` newer ones have arrived.
+class ImmediateAudioJitterBuffer(JitterBuffer):
+    """Hands each audio frame on as soon as it is next in sequence.
 
-    aiortc's audio receiver uses a jitter buffer with ``prefetch=4``: every 20 ms frame waits
-    for four newer frames, a fixed 80 ms before the server hears anything (measured by
-    bench/latency.py). Reordering is handled by sequence number whatever the prefetch, so a
-    small value only costs robustness to bursts of late packets. aiortc has no option for it:
-    the receiver's private buffer is replaced, once, right after the offer created it and
-    before any packet arrived.
+    An Opus RTP packet is one whole frame, so there is nothing to wait for. aiortc's buffer
+    only completes a frame when a packet of the *next* timestamp arrives (+20 ms) and then
+    holds ``prefetch`` more (4 for audio: +80 ms in all, measured by bench/latency.py). Order
+    is kept all the same: a packet that comes early waits in its slot for the one before it,
+    and ``add`` drops one older than the origin.
+    """
+
+    def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
+        assert self._origin is not None
+        packet = self._packets[self._origin % self._capacity]
+        if packet is None:
+            return None  # the next frame in sequence has not arrived yet
+        self.remove(1)
+        # ``_data`` is the depacketised payload the receiver stored, as aiortc itself uses.
+        data: bytes = packet._data  # type: ignore[attr-defined]
+        return JitterFrame(data=data, timestamp=packet.timestamp)
+
+
+def set_audio_jitter_prefetch(pc: RTCPeerConnection, frames: int) -> None:
+    """Set how many newer frames a received audio frame waits for (0: none at all).
+
+    aiortc has no option for it: the audio receiver's private buffer is replaced, once,
+    right after the offer created the receiver and before any packet arrived.
     """
     for receiver in pc.getReceivers():
         if getattr(receiver, "_RTCRtpReceiver__kind", None) != "audio":
             continue
         if not hasattr(receiver, "_RTCRtpReceiver__jitter_buffer"):
             raise RuntimeError("aiortc changed: no audio jitter buffer on the receiver")
-        receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=16, prefetch=frames)
+        buffer = (
+            ImmediateAudioJitterBuffer(capacity=16)
+            if frames == 0
+            else JitterBuffer(capacity=16, prefetch=frames)
+        )
+        receiver._RTCRtpReceiver__jitter_buffer = buffer
 
 
 def ice_servers_for_browser(config: WebRTCConfig) -> list[dict[str, object]]:

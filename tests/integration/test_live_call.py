@@ -9,6 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.engines.base import Engine, EngineRequest, EngineResult
+from agent.peer import ImmediateAudioJitterBuffer
 from signaling.app import RunningServer, start_server
 from signaling.client import ArrayAudioTrack, RealtimeClient
 from tests.conftest import BECKETT_PHRASES, BECKETT_REGIONS, make_config, normalise
@@ -228,12 +229,15 @@ async def test_restart_pc_replaces_the_peer_under_the_same_id(
             assert new is not old and not new.closed
 
 
-async def test_audio_jitter_buffer_holds_one_frame(
+async def test_audio_frames_are_not_held_back(
     server: RunningServer, beckett_audio: npt.NDArray[np.float32]
 ) -> None:
-    """aiortc's default holds 4 frames (80 ms) before decoding; the server is set to 1."""
+    """aiortc's default waits for 4 newer frames (80 ms); the server hands frames on at once."""
     async with RealtimeClient(server.url) as client:
         await client.connect(ArrayAudioTrack(beckett_audio[:16000]))
         session = server.state.calls[client.pc_id]
         (receiver,) = [r for r in session.pc.getReceivers() if r._RTCRtpReceiver__kind == "audio"]
-        assert receiver._RTCRtpReceiver__jitter_buffer._prefetch == 1
+        buffer = receiver._RTCRtpReceiver__jitter_buffer
+        assert isinstance(buffer, ImmediateAudioJitterBuffer)
+        # It really carried the call's audio: speech was heard and transcribed.
+        await client.next_event("input_audio_buffer.speech_started", timeout=10)
