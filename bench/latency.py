@@ -87,6 +87,7 @@ METRICS = (
     "server_ms",
     "transport_other_ms",
     "end_offset_ms",
+    "beyond_target_ms",
 )
 
 #: Engine settings shown in the markdown (the JSON has the whole configuration).
@@ -259,6 +260,8 @@ def analyse_call(
             "end_to_stopped_ms": _since(slot.get("stopped"), end_at),
             **{k: timings.get(k) for k in ("vad_ms", "queue_ms", "engine_ms", "server_ms")},
             "transport_other_ms": None if vad is None or server is None else latency - vad - server,
+            # The streaming target: end -> final <= max(hangover, this final's engine time) + 50.
+            "beyond_target_ms": _beyond(latency, vad, timings.get("engine_ms")),
         }
         outcome.records.append(
             {k: round(v, 1) if isinstance(v, float) else v for k, v in rec.items()}
@@ -374,6 +377,13 @@ def _summaries(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {m: summarize(r[m] for r in records if r.get(m) is not None).as_dict() for m in METRICS}
 
 
+def _beyond(latency: float, vad: float | None, engine: float | None) -> float | None:
+    """How far past the longer of hangover and engine time the final arrived (ms)."""
+    if vad is None or engine is None:
+        return None
+    return latency - max(vad, engine)
+
+
 # -- report --------------------------------------------------------------------------------
 
 
@@ -386,6 +396,7 @@ SUMMARY_HEADERS = (
     "end of speech → final",
     "onset → speech_started",
     "onset → first delta",
+    "final − max(hangover, engine)",
     "server CPU % core/call",
 )
 SPLIT_HEADERS = (
@@ -446,6 +457,7 @@ def render(report: dict[str, Any]) -> str:
                 _cell(s["end_to_final_ms"]),
                 _cell(s["onset_to_started_ms"]),
                 _cell(s["onset_to_first_delta_ms"]),
+                _cell(s["beyond_target_ms"]),
                 "—" if cpu is None else f"{cpu:.1f}",
             ]
         )
