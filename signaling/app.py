@@ -26,7 +26,7 @@ from agent.errors import EngineLoadError
 from agent.peer import restrict_host_addresses
 from agent.session import CallSession, SessionDeps
 from agent.vad import Vad, create_vad
-from signaling.errors import ERROR_CODE, Handler, error_middleware
+from signaling.errors import ERROR_CODE, ApiError, Handler, error_middleware
 from signaling.metrics import ServerMetrics
 from signaling.ratelimit import TokenBucketLimiter
 from signaling.security import Security
@@ -75,6 +75,25 @@ class ServerState:
             raise EngineLoadError(self.error) from exc
         self.status = "ready"
         log.info("engine %s ready", self.worker.engine.name)
+
+    def require_ready(self) -> None:
+        """Raise the 503 a request gets while the server loads, stops, or has failed."""
+        if self.status == "stopping":
+            raise ApiError(
+                503,
+                "shutting_down",
+                "the server is shutting down and takes no new work",
+                type_="server_error",
+                headers={"Retry-After": "5"},
+            )
+        if self.status != "ready" or self.worker is None or self.vad is None:
+            raise ApiError(
+                503,
+                "not_ready",
+                f"server is {self.status}" + (f": {self.error}" if self.error else ""),
+                type_="server_error",
+                headers={"Retry-After": "5"},
+            )
 
     def deps(self) -> SessionDeps:
         assert self.worker is not None and self.vad is not None

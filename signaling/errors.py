@@ -7,8 +7,10 @@ same JSON shape.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -49,6 +51,17 @@ class ApiError(Exception):
         resp = json_error(self.status, self.code, self.message, self.type)
         resp.headers.update(self.headers)
         return resp
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be one JSON object; anything else is a 400."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "invalid_json", "request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_json", "request body must be a JSON object")
+    return body
 
 
 def json_error(

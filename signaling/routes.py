@@ -3,7 +3,6 @@ health, readiness, Prometheus metrics, and the static page."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from typing import Any
@@ -16,7 +15,7 @@ from agent.config import Config, WebRTCConfig
 from agent.peer import ice_servers_for_browser, new_peer_connection, set_audio_jitter_prefetch
 from agent.session import CallSession
 from signaling.app import STATE, ServerState
-from signaling.errors import ApiError
+from signaling.errors import ApiError, json_object
 from signaling.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from signaling.transcriptions import setup_transcription_routes
 
@@ -56,34 +55,12 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         and request.content_length > request.app[STATE].config.server.max_body_bytes
     ):
         raise ApiError(413, "request_too_large", "request body too large")
-    raw = await request.read()
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "invalid_json", "request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_json", "request body must be a JSON object")
-    return body
+    return json_object(await request.read())
 
 
 def _ready_state(request: web.Request) -> ServerState:
     state = request.app[STATE]
-    if state.status == "stopping":
-        raise ApiError(
-            503,
-            "shutting_down",
-            "the server is shutting down and takes no new calls",
-            type_="server_error",
-            headers={"Retry-After": "5"},
-        )
-    if state.status != "ready":
-        raise ApiError(
-            503,
-            "not_ready",
-            f"server is {state.status}" + (f": {state.error}" if state.error else ""),
-            type_="server_error",
-            headers={"Retry-After": "5"},
-        )
+    state.require_ready()
     return state
 
 

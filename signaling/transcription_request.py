@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 import urllib.parse
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from aiohttp import BodyPartReader, web
 
 from agent.config import LimitsConfig
 from agent.transcript_formats import RESPONSE_FORMATS, ResponseFormat
-from signaling.errors import ApiError
+from signaling.errors import ApiError, json_object
 
 #: Largest non-file form field (a prompt, a URL), and most fields in one form.
 MAX_FIELD_BYTES = 65_536
@@ -155,12 +154,7 @@ def _is_text(part: BodyPartReader) -> bool:
 
 
 def _json_fields(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "invalid_json", "request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_json", "request body must be a JSON object")
+    body = json_object(raw)
     audio = body.get("audio")
     # mistral-common's TranscriptionRequest nests the audio: {"data": ...} or {"url": ...}.
     if isinstance(audio, dict):

@@ -195,16 +195,8 @@ async def _send(response: web.StreamResponse, event: dict[str, Any]) -> None:
 
 
 def _ready_state(request: web.Request) -> ServerState:
-    """The state, or 503 while the engine loads (as ``/api/offer`` answers)."""
     state = request.app[STATE]
-    if state.status != "ready" or state.worker is None or state.vad is None:
-        raise ApiError(
-            503,
-            "not_ready",
-            f"server is {state.status}" + (f": {state.error}" if state.error else ""),
-            type_="server_error",
-            headers={"Retry-After": "5"},
-        )
+    state.require_ready()  # the same 503s as /api/offer
     return state
 
 
