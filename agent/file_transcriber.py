@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.chunking import ChunkingOptions, Piece, plan_pieces, window_count
+from agent.config import Config
 from agent.engines.base import EngineRequest
 from agent.engines.worker import EngineWorker, Priority, Transcription
 from agent.vad import WINDOW_SAMPLES, Vad, VadStream
@@ -109,6 +110,15 @@ class FileTranscriber:
         self._chunking = chunking
         self._executor = executor
         self._max_in_flight = max(max_in_flight, 1)
+
+    @classmethod
+    def from_config(
+        cls, worker: EngineWorker, vad: Vad, config: Config, executor: Executor
+    ) -> FileTranscriber:
+        """Cut like the live path (its VAD and segmenter settings); keep at most one engine
+        batch of pieces in flight per file."""
+        chunking = ChunkingOptions.from_config(config.vad, config.segmenter)
+        return cls(worker, vad, chunking, executor, max_in_flight=config.engine.max_batch)
 
     async def plan(
         self,

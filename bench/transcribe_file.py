@@ -37,7 +37,6 @@ import numpy.typing as npt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.audio_file import decode_audio, read_audio
-from agent.chunking import ChunkingOptions
 from agent.config import Config, load_config
 from agent.engines.worker import EngineWorker
 from agent.file_transcriber import FileTranscriber, TranscribeOptions
@@ -66,13 +65,7 @@ async def one_run(
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="file-job")
     try:
         vad = await loop.run_in_executor(executor, create_vad, config.vad)
-        transcriber = FileTranscriber(
-            worker,
-            vad,
-            ChunkingOptions.from_config(config.vad, config.segmenter),
-            executor,
-            max_in_flight=config.engine.max_batch,
-        )
+        transcriber = FileTranscriber.from_config(worker, vad, config, executor)
         options = TranscribeOptions(timestamps=timestamps)
         t0 = time.perf_counter()
         decoded = await loop.run_in_executor(executor, decode_audio, data)

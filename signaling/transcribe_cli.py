@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TextIO
 
 from agent.audio_file import DecodedAudio, decode_audio
-from agent.chunking import ChunkingOptions
 from agent.config import Config
 from agent.engines.worker import EngineWorker
 from agent.errors import AudioInputError, EngineError, EngineLoadError
@@ -87,13 +86,7 @@ async def _transcribe(args: argparse.Namespace, config: Config) -> FileTranscrip
         vad = await loop.run_in_executor(executor, create_vad, config.vad)
         worker = await EngineWorker.start(config.engine)
         try:
-            transcriber = FileTranscriber(
-                worker,
-                vad,
-                ChunkingOptions.from_config(config.vad, config.segmenter),
-                executor,
-                max_in_flight=config.engine.max_batch,
-            )
+            transcriber = FileTranscriber.from_config(worker, vad, config, executor)
             options = TranscribeOptions(
                 language=args.language or None,
                 prompt=args.prompt or None,

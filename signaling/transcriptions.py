@@ -28,7 +28,6 @@ from typing import Any
 from aiohttp import web
 
 from agent.audio_file import DecodedAudio, decode_audio
-from agent.chunking import ChunkingOptions
 from agent.config import Config
 from agent.errors import AudioInputError, EngineError
 from agent.file_transcriber import FileTranscriber, Plan, Segment, TranscribeOptions, stitch
@@ -130,13 +129,7 @@ async def _transcribe(
     decoded: DecodedAudio = await loop.run_in_executor(
         jobs.executor, lambda: decode_audio(data, config.limits.max_audio_s, cancel=cancel)
     )
-    transcriber = FileTranscriber(
-        state.worker,
-        state.vad,
-        ChunkingOptions.from_config(config.vad, config.segmenter),
-        jobs.executor,
-        max_in_flight=config.engine.max_batch,
-    )
+    transcriber = FileTranscriber.from_config(state.worker, state.vad, config, jobs.executor)
     params = job.params
     options = TranscribeOptions(
         language=params.language,
