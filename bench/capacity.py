@@ -53,6 +53,7 @@ from bench.common import (
     machine_info,
     markdown_table,
     save_results,
+    shown_path,
     subprocess_server,
 )
 from bench.latency import offline_utterances, run_phase
@@ -152,12 +153,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "capacity",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": shlex.join([_shown(Path(sys.executable)), *sys.argv]),
+        "command": shlex.join([shown_path(Path(sys.executable)), *sys.argv]),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": {**machine_info(), "load_avg_1m": [load_before, os.getloadavg()[0]]},
         "engine": engine,
         "config": asdict(config),
-        "audio": {"path": _shown(args.audio), "seconds": round(len(samples) / 16_000, 2)},
+        "audio": {"path": shown_path(args.audio), "seconds": round(len(samples) / 16_000, 2)},
         "criteria": {"late_ms": args.late_ms, "p95_ms": args.p95_ms},
         "capacity": capacity,
         "passing": passing,
@@ -231,11 +232,6 @@ def render(report: dict[str, Any]) -> str:
     )
 
 
-def _shown(path: Path) -> str:
-    path = path.absolute()
-    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Most simultaneous calls one server holds with frames on time and fast "
@@ -276,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     if not args.no_save:
         for path in save_results("capacity", report, markdown, args.out_dir):
-            print(f"saved {_shown(path)}")
+            print(f"saved {shown_path(path)}")
     return 0
 
 

@@ -256,3 +256,9 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return int(s.getsockname()[1])
+
+
+def shown_path(path: Path) -> str:
+    """``path`` relative to the repository when inside it (results stay machine-neutral)."""
+    path = path.absolute()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)

@@ -64,6 +64,7 @@ from bench.common import (
     markdown_table,
     process_cpu_seconds,
     save_results,
+    shown_path,
     subprocess_server,
     summarize,
     system_busy_seconds,
@@ -567,23 +568,17 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "latency",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": shlex.join([_shown(Path(sys.executable)), *sys.argv]),
+        "command": shlex.join([shown_path(Path(sys.executable)), *sys.argv]),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": {**machine_info(), "load_avg_1m": [load_before, os.getloadavg()[0]]},
         "server_mode": args.server,
         "engine": engine,
         "config": asdict(config),
-        "audio": {"path": _shown(args.audio), "seconds": round(len(samples) / 16_000, 2)},
+        "audio": {"path": shown_path(args.audio), "seconds": round(len(samples) / 16_000, 2)},
         "offline": [asdict(o) for o in offline],
         "by_calls": aggregate(phases),
         "phases": phases,
     }
-
-
-def _shown(path: Path) -> str:
-    """``path`` relative to the repository when inside it (results stay machine-neutral)."""
-    path = path.absolute()
-    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -664,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     if not args.no_save:
         for path in save_results("latency", report, markdown, args.out_dir):
-            print(f"saved {_shown(path)}")
+            print(f"saved {shown_path(path)}")
     bad = sum(p["counts"]["missing"] + p["counts"]["failed"] for p in report["phases"])
     return 1 if bad else 0  # 2: could not run at all
 

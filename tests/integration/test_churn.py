@@ -12,7 +12,6 @@ import asyncio
 import gc
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -24,8 +23,8 @@ from signaling.app import start_server
 from signaling.client import ArrayAudioTrack, RealtimeClient
 from tests.conftest import make_config
 from tests.integration.test_robustness import COMPLETED, Echo, wait_for
+from tests.integration.vanishing_client import start_talking
 
-REPO = Path(__file__).resolve().parents[2]
 CALLS = 200
 AT_ONCE = 8
 #: Every this-many-th call is a client process killed with SIGKILL mid-phrase.
@@ -85,18 +84,9 @@ async def test_churn_leaves_nothing_behind(beckett_audio: npt.NDArray[np.float32
 
     async def killed_call() -> None:
         nonlocal killed
-        proc = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "tests.integration.vanishing_client", server.url),
-            cwd=REPO,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        try:
-            assert proc.stdout is not None
-            line = await asyncio.wait_for(proc.stdout.readline(), 60)
-            assert line.startswith(b"TALKING"), line
-        finally:
-            os.kill(proc.pid, signal.SIGKILL)
-            await proc.wait()
+        proc = await start_talking(server.url)
+        os.kill(proc.pid, signal.SIGKILL)
+        await proc.wait()
         killed += 1
 
     async def call(i: int) -> None:

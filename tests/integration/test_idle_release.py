@@ -5,31 +5,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 import time
-from pathlib import Path
 
 from agent.engines.base import Engine
 from signaling.app import start_server
 from tests.conftest import make_config
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.integration.vanishing_client import start_talking
 
 
 async def test_killed_client_is_released_and_its_speech_flushed(embedded_engine: Engine) -> None:
     server = await start_server(make_config(AUDIO__IDLE_TIMEOUT_S="2"), engine=embedded_engine)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tests.integration.vanishing_client",
-        server.url,
-        cwd=REPO,
-        stdout=asyncio.subprocess.PIPE,
-    )
+    proc = await start_talking(server.url)
     try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 60)
-        assert line.startswith(b"TALKING"), line
         assert len(server.state.calls) == 1
         session = next(iter(server.state.calls.values()))
         # Mid-phrase, the process dies: no close, no BYE, no end of track.

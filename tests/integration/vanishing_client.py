@@ -8,10 +8,34 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 
 from agent.peer import restrict_host_addresses
 from signaling.client import ArrayAudioTrack, RealtimeClient, read_audio
 from tests.conftest import BECKETT
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def start_talking(url: str) -> asyncio.subprocess.Process:
+    """Run this client in its own process; return once the server has heard it talk."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.integration.vanishing_client",
+        url,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        assert line.startswith(b"TALKING"), line
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc
 
 
 async def main(url: str) -> None:
