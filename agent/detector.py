@@ -1,5 +1,10 @@
 """Speech detection for one call: chunks of samples -> 32 ms windows -> VAD -> segmenter.
 
+With ``early_pause`` on, each chunk that leaves a partial window also gets a VAD look
+(``VadStream.peek``) at the newest 32 ms while speech is open, so the segmenter can pause,
+and the speculative final start, as soon as the silence is heard rather than when the next
+whole window completes. The look costs one more VAD step per chunk, only during speech.
+
 Synchronous and I/O-free like the parts it joins; the session runs it on a worker thread so
 the ONNX model never runs on the event loop.
 """
@@ -12,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.segmenter import Segmenter, SegmenterEvent, SegmenterOptions, SpeechStarted
-from agent.vad import WINDOW_SAMPLES, VadStream
+from agent.vad import PEEK_SAMPLES, WINDOW_SAMPLES, VadStream
 
 
 @dataclass(frozen=True, eq=False)
@@ -28,13 +33,20 @@ DetectorEvent = SegmenterEvent | InterimDue
 
 class SpeechDetector:
     def __init__(
-        self, vad: VadStream, options: SegmenterOptions, interim_interval_ms: int = 0
+        self,
+        vad: VadStream,
+        options: SegmenterOptions,
+        interim_interval_ms: int = 0,
+        early_pause: bool = False,
     ) -> None:
         self.vad = vad
         self.segmenter = Segmenter(options)
         #: 0 turns interims off.
         self.interim_interval_ms = interim_interval_ms
+        #: Look between windows for the silence that starts a speculative final.
+        self.early_pause = early_pause
         self._pending = np.zeros(0, dtype=np.float32)
+        self._recent = np.zeros(PEEK_SAMPLES, dtype=np.float32)  # newest samples, for looks
         self._last_interim_ms = 0
 
     def process(self, samples: npt.NDArray[np.float32]) -> list[DetectorEvent]:
@@ -48,6 +60,10 @@ class SpeechDetector:
             events.extend(found)
             events.extend(self._interim(found))
         self._pending = buf[n_windows * WINDOW_SAMPLES :].copy()
+        self._recent = np.concatenate([self._recent, samples])[-PEEK_SAMPLES:]
+        seg = self.segmenter
+        if self.early_pause and len(self._pending) and seg.in_speech and not seg.paused:
+            events.extend(seg.peek(self.vad.peek(self._recent), self._pending))
         return events
 
     def _interim(self, found: list[SegmenterEvent]) -> list[DetectorEvent]:

@@ -51,6 +51,7 @@ class _Item:
     agreement: LocalAgreement = field(default_factory=LocalAgreement)
     interim: asyncio.Task[None] | None = None
     speculation: asyncio.Task[Transcription] | None = None
+    speculation_ms: int = 0  # audio time of the pause that started ``speculation``
     finalising: bool = False
     stopped_at: float | None = None
     decided_ms: int | None = None
@@ -142,6 +143,7 @@ class ItemPipeline:
         self._drop_speculation(item)
         request = self._request(pause.audio)
         item.speculation = self._spawn(self._worker.transcribe(request, Priority.FINAL))
+        item.speculation_ms = pause.at_ms
 
     def _drop_speculation(self, item: _Item | None) -> None:
         if item is not None and item.speculation is not None:
@@ -169,6 +171,10 @@ class ItemPipeline:
         else:
             self.speculations_reused += 1
         speculative = final is item.speculation
+        # Audio time from the end of speech to the start of the final decode.
+        timings["decode_after_ms"] = float(
+            (item.speculation_ms if speculative else decided_ms) - utt.end_ms
+        )
         self._spawn(self._complete(item, final, timings, decided_at, speculative))
 
     async def _complete(

@@ -7,6 +7,10 @@ a minimum speech length before ``speech_started`` (a short blip is dropped silen
 hangover of ``min_silence_ms`` before ``speech_stopped``, pre-roll (``prefix_padding_ms``)
 kept in front of the onset, and a forced cut at the maximum utterance length. With turn
 detection off, audio accumulates until the client commits.
+
+Inside confirmed speech, the first silent window emits ``SpeechPaused`` so the final decode
+can start before the hangover ends. ``peek`` lets that pause come sooner, from a look at the
+audio that arrived since the last whole window; times and cuts stay on the window grid.
 """
 
 from __future__ import annotations
@@ -126,6 +130,7 @@ class Segmenter:
     _onset_ms: int
     _last_speech_end_ms: int
     _silence_run_ms: int
+    _peeked_pause: bool  # SpeechPaused already sent from a peek, not yet confirmed by a window
 
     def __init__(self, options: SegmenterOptions) -> None:
         self.options = options
@@ -152,7 +157,7 @@ class Segmenter:
     @property
     def paused(self) -> bool:
         """Inside confirmed speech, but in a silence that may become its end."""
-        return self._confirmed and self._silence_run_ms > 0
+        return self._confirmed and (self._silence_run_ms > 0 or self._peeked_pause)
 
     def open_audio(self) -> npt.NDArray[np.float32]:
         """The open utterance's audio so far (pre-roll included), for interim decodes."""
@@ -179,6 +184,22 @@ class Segmenter:
         if not self.options.turn_detection:
             return self._push_manual(window, t0)
         return self._push_vad(window, probability, t0)
+
+    def peek(self, probability: float, tail: npt.NDArray[np.float32]) -> list[SegmenterEvent]:
+        """A look at ``tail``, the samples since the last whole window (``probability`` from
+        ``VadStream.peek``): if confirmed speech already sounds silent there, pause now rather
+        than when the window completes, up to 32 ms later. The next whole window confirms the
+        pause (no second ``SpeechPaused``) or resumes speech (``SpeechResumed``)."""
+        if (
+            not self.options.turn_detection
+            or not self._confirmed
+            or self.paused
+            or probability >= self.options.neg_threshold
+        ):
+            return []
+        self._peeked_pause = True
+        at_ms = self._clock_ms + len(tail) * WINDOW_MS // WINDOW_SAMPLES
+        return [SpeechPaused(self._index, np.concatenate([*self._audio, tail]), at_ms)]
 
     def commit(self) -> list[SegmenterEvent]:
         """Cut now (``input_audio_buffer.commit``). Empty list when there is nothing to cut."""
@@ -226,16 +247,18 @@ class Segmenter:
             self._silence_run_ms = 0
         self._audio.append(window)
         if probability >= opts.neg_threshold:
-            if self._confirmed and self._silence_run_ms > 0:
+            if self.paused:
                 events.append(SpeechResumed(self._index))
             self._last_speech_end_ms = self._clock_ms
             self._silence_run_ms = 0
+            self._peeked_pause = False
         else:
             self._silence_run_ms += WINDOW_MS
             if (
                 self._confirmed
                 and self._silence_run_ms == WINDOW_MS
                 and self._silence_run_ms < opts.min_silence_ms
+                and not self._peeked_pause
             ):
                 events.append(SpeechPaused(self._index, self.open_audio(), self._clock_ms))
         if not self._confirmed and self._last_speech_end_ms - self._onset_ms >= opts.min_speech_ms:
@@ -295,3 +318,4 @@ class Segmenter:
         self._onset_ms = 0
         self._last_speech_end_ms = 0
         self._silence_run_ms = 0
+        self._peeked_pause = False

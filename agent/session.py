@@ -85,7 +85,10 @@ class CallSession:
         self._log = logging.LoggerAdapter(log, {"call_id": self.id})
         self._options = SegmenterOptions.from_config(deps.config.vad, deps.config.segmenter)
         self._detector = SpeechDetector(
-            deps.vad.stream(), self._options, deps.config.engine.interim_interval_ms
+            deps.vad.stream(),
+            self._options,
+            deps.config.engine.interim_interval_ms,
+            early_pause=deps.config.engine.speculative_final,
         )
         # Serialises detector use between the audio pump and client commands.
         self._detector_lock = asyncio.Lock()

@@ -19,6 +19,8 @@ from agent.config import VadConfig
 WINDOW_SAMPLES = 512  # 32 ms at 16 kHz: the only window size Silero accepts at this rate
 WINDOW_MS = 32
 _CONTEXT_SAMPLES = 64  # Silero v5/v6 expect the previous window's last 64 samples prepended
+#: Samples ``VadStream.peek`` needs: one window and the context in front of it.
+PEEK_SAMPLES = WINDOW_SAMPLES + _CONTEXT_SAMPLES
 
 
 class VadStream(ABC):
@@ -27,6 +29,12 @@ class VadStream(ABC):
     @abstractmethod
     def probability(self, window: npt.NDArray[np.float32]) -> float:
         """Speech probability in [0, 1] of one ``WINDOW_SAMPLES`` window."""
+
+    @abstractmethod
+    def peek(self, recent: npt.NDArray[np.float32]) -> float:
+        """Speech probability of the newest ``WINDOW_SAMPLES`` of ``recent`` (the last
+        ``PEEK_SAMPLES`` samples heard), off the window grid and without moving the stream:
+        a look at audio that has arrived since the last whole window."""
 
     def reset(self) -> None:
         """Forget the recurrent state (after ``input_audio_buffer.clear``)."""
@@ -69,12 +77,25 @@ class _SileroStream(VadStream):
 
     def probability(self, window: npt.NDArray[np.float32]) -> float:
         assert len(window) == WINDOW_SAMPLES
-        x = np.concatenate([self._context, window])[None, :]
-        prob, self._h, self._c = self._session.run(  # type: ignore[attr-defined]
-            None, {"input": x, "h": self._h, "c": self._c}
-        )
+        prob, self._h, self._c = self._run(np.concatenate([self._context, window]))
         self._context = window[-_CONTEXT_SAMPLES:].copy()
-        return float(np.asarray(prob).reshape(-1)[0])
+        return prob
+
+    def peek(self, recent: npt.NDArray[np.float32]) -> float:
+        # The recurrent state is the one after the last whole window, which overlaps this
+        # one. Silero's state moves slowly, so the look is good enough to start a speculative
+        # decode early; the next whole window, run on the true state, confirms or withdraws it.
+        assert len(recent) >= PEEK_SAMPLES
+        prob, _, _ = self._run(recent[-PEEK_SAMPLES:])
+        return prob
+
+    def _run(
+        self, x: npt.NDArray[np.float32]
+    ) -> tuple[float, npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """One model step on context + window from the current state: (probability, h, c)."""
+        feed = {"input": np.ascontiguousarray(x, np.float32)[None, :], "h": self._h, "c": self._c}
+        prob, h, c = self._session.run(None, feed)  # type: ignore[attr-defined]
+        return float(np.asarray(prob).reshape(-1)[0]), h, c
 
 
 class EnergyVad(Vad):
@@ -94,6 +115,9 @@ class _EnergyStream(VadStream):
     def probability(self, window: npt.NDArray[np.float32]) -> float:
         rms = float(np.sqrt(np.mean(np.square(window, dtype=np.float64))))
         return 1.0 if rms >= self._threshold else 0.0
+
+    def peek(self, recent: npt.NDArray[np.float32]) -> float:
+        return self.probability(recent[-WINDOW_SAMPLES:])  # stateless: a look is a window
 
 
 def create_vad(config: VadConfig) -> Vad:

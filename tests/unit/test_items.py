@@ -95,6 +95,8 @@ async def test_speculation_dropped_when_speech_resumes_and_reused_when_it_ends()
         assert h.items.speculations_reused == 1 and h.items.speculations_dropped == 1
         # completed came at once: the decode had finished before the stop was decided.
         assert completed[0]["timings"]["server_ms"] < 50
+        # The final's decode started at the second pause: 2300 - 2268 ms after speech ended.
+        assert completed[0]["timings"]["decode_after_ms"] == 32
     finally:
         await worker.close()
 
@@ -113,6 +115,7 @@ async def test_speculation_not_used_for_forced_cut() -> None:
         completed = [e for e in h.sent if e["type"] == COMPLETED]
         assert [c["transcript"] for c in completed] == ["whole"]
         assert "speculative" not in completed[0]
+        assert completed[0]["timings"]["decode_after_ms"] == 0  # decided at the cut itself
     finally:
         await worker.close()
 

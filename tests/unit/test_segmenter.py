@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -211,3 +213,62 @@ def test_thirty_second_cut_never_exceeds_thirty_seconds() -> None:
     utt = next(e for e in evs if isinstance(e, Utterance))
     assert utt.cut == "max_length"
     assert len(utt.audio) <= 30 * 16000
+
+
+# -- looks between windows (peek) ---------------------------------------------------------
+
+
+def confirmed_speech(options: SegmenterOptions = OPTS) -> Segmenter:
+    """A segmenter 5 silent then 10 speech windows in: speech confirmed, not paused."""
+    seg = Segmenter(options)
+    for i, p in enumerate([0.0] * 5 + [0.9] * 10):
+        seg.push(np.full(WINDOW_SAMPLES, i, dtype=np.float32), p)
+    assert seg.in_speech and not seg.paused
+    return seg
+
+
+def test_peek_pauses_before_the_window_and_the_window_confirms_it() -> None:
+    seg = confirmed_speech()
+    tail = np.full(160, -1.0, dtype=np.float32)  # 10 ms heard since the last whole window
+    (pause,) = seg.peek(0.1, tail)
+    assert isinstance(pause, SpeechPaused)
+    assert pause.at_ms == 15 * WINDOW_MS + 10
+    # Everything heard so far: pre-roll + speech windows, then the partial tail.
+    assert len(pause.audio) == 15 * WINDOW_SAMPLES + 160
+    assert np.array_equal(pause.audio[-160:], tail)
+    assert seg.paused
+    assert seg.peek(0.0, tail) == []  # one pause, not one per look
+    # The silent window confirms the pause: no second SpeechPaused; the hangover cuts as usual.
+    evs = []
+    for _ in range(7):  # 7 x 32 ms: the first run of windows reaching 200 ms
+        evs += seg.push(np.zeros(WINDOW_SAMPLES, np.float32), 0.0)
+    assert [type(e) for e in evs] == [SpeechStopped, Utterance]
+    stop, utt = evs
+    assert stop.end_ms == 15 * WINDOW_MS  # times stay on the window grid
+    assert utt.cut == "silence"
+    assert not seg.paused
+
+
+def test_peek_pause_withdrawn_when_the_window_is_speech() -> None:
+    seg = confirmed_speech()
+    assert [type(e) for e in seg.peek(0.2, np.zeros(320, np.float32))] == [SpeechPaused]
+    assert seg.push(np.zeros(WINDOW_SAMPLES, np.float32), 0.8) == [SpeechResumed(0)]
+    assert not seg.paused
+    # A later silence can pause again, from a look or from a window.
+    assert [type(e) for e in seg.peek(0.1, np.zeros(320, np.float32))] == [SpeechPaused]
+
+
+def test_peek_ignored_unless_confirmed_speech_sounds_silent() -> None:
+    seg = confirmed_speech()
+    tail = np.zeros(320, np.float32)
+    assert seg.peek(0.4, tail) == []  # above threshold - 0.15: still speech (hysteresis)
+    unconfirmed = Segmenter(OPTS)
+    unconfirmed.push(np.zeros(WINDOW_SAMPLES, np.float32), 0.9)  # speech, not yet 100 ms
+    assert unconfirmed.peek(0.0, tail) == []
+    assert Segmenter(OPTS).peek(0.0, tail) == []  # no speech at all
+    manual = Segmenter(replace(OPTS, turn_detection=False))
+    manual.push(np.zeros(WINDOW_SAMPLES, np.float32), 0.9)
+    assert manual.peek(0.0, tail) == []  # client-driven commits: no pauses
+    # Already paused by a silent window: a look adds nothing.
+    seg.push(np.zeros(WINDOW_SAMPLES, np.float32), 0.0)
+    assert seg.paused and seg.peek(0.0, tail) == []

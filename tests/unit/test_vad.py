@@ -7,8 +7,8 @@ import numpy.typing as npt
 
 from agent.config import SegmenterConfig, VadConfig
 from agent.detector import SpeechDetector
-from agent.segmenter import SegmenterOptions, Utterance
-from agent.vad import WINDOW_SAMPLES, EnergyVad, SileroVad
+from agent.segmenter import SegmenterOptions, SpeechPaused, Utterance
+from agent.vad import PEEK_SAMPLES, WINDOW_SAMPLES, EnergyVad, SileroVad
 from tests.conftest import BECKETT_REGIONS
 
 
@@ -58,3 +58,48 @@ def test_energy_vad_gates_on_rms(beckett_audio: npt.NDArray[np.float32]) -> None
     options = SegmenterOptions.from_config(VadConfig(kind="energy"), SegmenterConfig())
     got = regions(SpeechDetector(stream, options), beckett_audio)
     assert 4 <= len(got) <= 8  # coarser than Silero but still finds the phrases
+
+
+def test_silero_peek_leaves_the_stream_unchanged(beckett_audio: npt.NDArray[np.float32]) -> None:
+    plain, looked = SileroVad().stream(), SileroVad().stream()
+    n = len(beckett_audio) // WINDOW_SAMPLES
+    windows = [beckett_audio[k * WINDOW_SAMPLES : (k + 1) * WINDOW_SAMPLES] for k in range(n)]
+    expected = [plain.probability(w) for w in windows]
+    got = []
+    for k, w in enumerate(windows):
+        got.append(looked.probability(w))
+        end = (k + 1) * WINDOW_SAMPLES + 320  # a look 20 ms past the window, as a chunk ends
+        if end <= len(beckett_audio):
+            assert 0.0 <= looked.peek(beckett_audio[end - PEEK_SAMPLES : end]) <= 1.0
+    assert got == expected
+
+
+def pauses_before_each_cut(
+    audio: npt.NDArray[np.float32], early_pause: bool
+) -> tuple[list[int], list[int]]:
+    """(at_ms of the pause each utterance was cut on, end_ms of each utterance)."""
+    options = SegmenterOptions.from_config(VadConfig(), SegmenterConfig())
+    detector = SpeechDetector(SileroVad().stream(), options, early_pause=early_pause)
+    last_pause: dict[int, int] = {}
+    at, ends = [], []
+    for i in range(0, len(audio), 320):
+        for ev in detector.process(audio[i : i + 320]):
+            if isinstance(ev, SpeechPaused):
+                last_pause[ev.index] = ev.at_ms
+            elif isinstance(ev, Utterance):
+                at.append(last_pause[ev.index])
+                ends.append(ev.end_ms)
+    return at, ends
+
+
+def test_early_pause_hears_each_phrase_end_sooner(
+    beckett_audio: npt.NDArray[np.float32],
+) -> None:
+    grid, grid_ends = pauses_before_each_cut(beckett_audio, early_pause=False)
+    early, early_ends = pauses_before_each_cut(beckett_audio, early_pause=True)
+    assert early_ends == grid_ends and len(grid_ends) == 6  # same cuts, same times
+    assert grid == [end + 32 for end in grid_ends]  # the grid pauses one window after the end
+    # The look pauses after the end of speech but sooner than the grid, at every phrase end.
+    assert all(end < at < g for end, at, g in zip(early_ends, early, grid, strict=True))
+    saved = [g - at for at, g in zip(early, grid, strict=True)]
+    assert sum(saved) / len(saved) >= 10, saved
