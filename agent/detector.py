@@ -1,9 +1,11 @@
 """Speech detection for one call: chunks of samples -> 32 ms windows -> VAD -> segmenter.
 
-With ``early_pause`` on, each chunk that leaves a partial window also gets a VAD look
-(``VadStream.peek``) at the newest 32 ms while speech is open, so the segmenter can pause,
-and the speculative final start, as soon as the silence is heard rather than when the next
-whole window completes. The look costs one more VAD step per chunk, only during speech.
+With ``speculative`` on, every pause starts a speculative final decode, so the detector
+listens for pauses between windows too: each chunk that leaves a partial window gets a VAD
+look (``VadStream.peek``) at the newest 32 ms while speech is open, and the segmenter pauses
+as soon as the silence is heard rather than when the next whole window completes (one more
+VAD step per chunk, only during speech). A pause's decode is also a hypothesis of the audio
+so far, so it counts as the interim: the next ``InterimDue`` comes an interval after it.
 
 Synchronous and I/O-free like the parts it joins; the session runs it on a worker thread so
 the ONNX model never runs on the event loop.
@@ -16,7 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from agent.segmenter import Segmenter, SegmenterEvent, SegmenterOptions, SpeechStarted
+from agent.segmenter import (
+    Segmenter,
+    SegmenterEvent,
+    SegmenterOptions,
+    SpeechPaused,
+    SpeechStarted,
+)
 from agent.vad import PEEK_SAMPLES, WINDOW_SAMPLES, VadStream
 
 
@@ -37,14 +45,14 @@ class SpeechDetector:
         vad: VadStream,
         options: SegmenterOptions,
         interim_interval_ms: int = 0,
-        early_pause: bool = False,
+        speculative: bool = False,
     ) -> None:
         self.vad = vad
         self.segmenter = Segmenter(options)
         #: 0 turns interims off.
         self.interim_interval_ms = interim_interval_ms
-        #: Look between windows for the silence that starts a speculative final.
-        self.early_pause = early_pause
+        #: Pauses start speculative decodes: look for them between windows.
+        self.speculative = speculative
         self._pending = np.zeros(0, dtype=np.float32)
         self._recent = np.zeros(PEEK_SAMPLES, dtype=np.float32)  # newest samples, for looks
         self._last_interim_ms = 0
@@ -62,13 +70,18 @@ class SpeechDetector:
         self._pending = buf[n_windows * WINDOW_SAMPLES :].copy()
         self._recent = np.concatenate([self._recent, samples])[-PEEK_SAMPLES:]
         seg = self.segmenter
-        if self.early_pause and len(self._pending) and seg.in_speech and not seg.paused:
-            events.extend(seg.peek(self.vad.peek(self._recent), self._pending))
+        if self.speculative and len(self._pending) and seg.in_speech and not seg.paused:
+            found = seg.peek(self.vad.peek(self._recent), self._pending)
+            events.extend(found)
+            self._interim(found)  # a pause restarts the interim interval; nothing is due
         return events
 
     def _interim(self, found: list[SegmenterEvent]) -> list[DetectorEvent]:
         seg = self.segmenter
         if any(isinstance(e, SpeechStarted) for e in found):
+            self._last_interim_ms = seg.clock_ms
+        if self.speculative and any(isinstance(e, SpeechPaused) for e in found):
+            # The speculative decode started here doubles as this interval's interim.
             self._last_interim_ms = seg.clock_ms
         if (
             not self.interim_interval_ms

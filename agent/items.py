@@ -6,7 +6,8 @@ Takes the detector's events for one call and turns them into engine requests and
   so far (at interim priority, one at a time per call); words two consecutive hypotheses agree
   on go out as append-only ``delta`` events (LocalAgreement-2).
 - ``SpeechPaused`` starts the final decode speculatively, before the hangover has confirmed
-  the end. ``SpeechResumed`` withdraws it. When the utterance is cut on that same silence the
+  the end. ``SpeechResumed`` withdraws it: one still queued is cancelled, one the engine has
+  taken becomes the interim hypothesis. When the utterance is cut on that same silence the
   speculative decode *is* the final: reused, never repeated, so ``completed`` follows the
   hangover at once if the decode already finished.
 - ``completed`` carries the authoritative text; a last ``delta`` first completes the deltas
@@ -23,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,7 @@ class _Item:
     interim: asyncio.Task[None] | None = None
     speculation: asyncio.Task[Transcription] | None = None
     speculation_ms: int = 0  # audio time of the pause that started ``speculation``
+    speculation_started: asyncio.Event = field(default_factory=asyncio.Event)  # on the engine
     finalising: bool = False
     stopped_at: float | None = None
     decided_ms: int | None = None
@@ -94,7 +96,7 @@ class ItemPipeline:
             elif isinstance(ev, SpeechPaused):
                 self._speculate(ev)
             elif isinstance(ev, SpeechResumed):
-                self._drop_speculation(self._open.get(ev.index))
+                self._withdraw_speculation(self._open.get(ev.index))
             elif isinstance(ev, SpeechStopped):
                 item = self._open[ev.index]
                 item.stopped_at, item.decided_ms = time.perf_counter(), ev.decided_ms
@@ -119,11 +121,12 @@ class ItemPipeline:
         item = self._open.get(due.index)
         if item is None or item.finalising or (item.interim and not item.interim.done()):
             return  # one interim in flight per call: a slow engine just gets fewer
-        item.interim = self._spawn(self._run_interim(item, self._request(due.audio)))
+        decode = self._worker.transcribe(self._request(due.audio), Priority.INTERIM)
+        item.interim = self._spawn(self._run_interim(item, decode))
 
-    async def _run_interim(self, item: _Item, request: EngineRequest) -> None:
+    async def _run_interim(self, item: _Item, decode: Awaitable[Transcription]) -> None:
         try:
-            result = await self._worker.transcribe(request, Priority.INTERIM)
+            result = await decode
         except EngineError:
             return  # skipped under load or failed: the final is what counts
         if item.finalising:
@@ -142,8 +145,24 @@ class ItemPipeline:
             return
         self._drop_speculation(item)
         request = self._request(pause.audio)
-        item.speculation = self._spawn(self._worker.transcribe(request, Priority.FINAL))
+        item.speculation_started = started = asyncio.Event()
+        decode = self._worker.transcribe(request, Priority.FINAL, started)
+        item.speculation = self._spawn(decode)
         item.speculation_ms = pause.at_ms
+
+    def _withdraw_speculation(self, item: _Item | None) -> None:
+        """Speech resumed, so the speculative decode is not the final. One the engine has
+        already taken is still a transcript of the audio so far: it becomes the interim
+        hypothesis (the detector skipped this interval's interim for it) instead of waste."""
+        if item is None or item.speculation is None:
+            return
+        idle = item.interim is None or item.interim.done()
+        if self.deltas and idle and item.speculation_started.is_set():
+            item.interim = self._spawn(self._run_interim(item, item.speculation))
+            item.speculation = None
+            self.speculations_dropped += 1
+        else:
+            self._drop_speculation(item)
 
     def _drop_speculation(self, item: _Item | None) -> None:
         if item is not None and item.speculation is not None:

@@ -88,7 +88,7 @@ class CallSession:
             deps.vad.stream(),
             self._options,
             deps.config.engine.interim_interval_ms,
-            early_pause=deps.config.engine.speculative_final,
+            speculative=deps.config.engine.speculative_final,
         )
         # Serialises detector use between the audio pump and client commands.
         self._detector_lock = asyncio.Lock()

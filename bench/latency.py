@@ -89,6 +89,7 @@ METRICS = (
     "transport_other_ms",
     "end_offset_ms",
     "beyond_target_ms",
+    "decode_after_ms",
 )
 
 #: Engine settings shown in the markdown (the JSON has the whole configuration).
@@ -263,6 +264,8 @@ def analyse_call(
             "transport_other_ms": None if vad is None or server is None else latency - vad - server,
             # The streaming target: end -> final <= max(hangover, this final's engine time) + 50.
             "beyond_target_ms": _beyond(latency, vad, timings.get("engine_ms")),
+            # Audio time from the end of speech to the start of the final's decode.
+            "decode_after_ms": timings.get("decode_after_ms"),
         }
         outcome.records.append(
             {k: round(v, 1) if isinstance(v, float) else v for k, v in rec.items()}
@@ -397,6 +400,7 @@ SUMMARY_HEADERS = (
     "end of speech → final",
     "onset → speech_started",
     "onset → first delta",
+    "end → final decode starts (audio)",
     "final − max(hangover, engine)",
     "server CPU % core/call",
 )
@@ -427,13 +431,15 @@ RUN_HEADERS = (
 )
 NOTES = (
     "Split of end of speech → final: *server* = end-of-speech decision → event sent (queue + "
-    "engine + hand-off; shorter than *engine* when a speculative final started at the first "
-    "silence, before the decision); *transport/other* = client latency − VAD hangover − server "
+    "engine + hand-off; shorter than *engine* when a speculative final started at the pause, "
+    "before the decision); *transport/other* = client latency − VAD hangover − server "
     "(RTP, jitter buffer, Opus decode, VAD backlog, SCTP, client event loop). *engine* is the "
     "wall time of the whole batch the utterance ran in. *server CPU % core/call* = server process"
     " CPU seconds / (calls × file seconds) × 100; *server load %* = its CPU seconds / wall "
     "seconds of the run; *bench CPU %* = the same for this process (the clients); *other CPU %* ="
-    " the rest of the machine's busy time meanwhile (other processes: noise); *engine busy %* = "
+    " the rest of the machine's busy time meanwhile (other processes: noise); *end → final decode "
+    "starts* = audio time from the end of speech to the pause that started the final's decode "
+    "(the hangover when it was not speculative); *engine busy %* = "
     "summed wall times of the finals' batches (all lanes) / wall seconds of the run (interim "
     "decodes not included); *mean batch* = utterances per engine batch (items of one batch share "
     "its ``engine_ms``)."
@@ -458,6 +464,7 @@ def render(report: dict[str, Any]) -> str:
                 _cell(s["end_to_final_ms"]),
                 _cell(s["onset_to_started_ms"]),
                 _cell(s["onset_to_first_delta_ms"]),
+                _cell(s["decode_after_ms"]),
                 _cell(s["beyond_target_ms"]),
                 "—" if cpu is None else f"{cpu:.1f}",
             ]

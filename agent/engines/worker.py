@@ -60,6 +60,7 @@ class _Job:
     request: EngineRequest
     future: asyncio.Future[Transcription]
     priority: Priority
+    started: asyncio.Event | None = None
     submitted: float = field(default_factory=time.perf_counter)
 
 
@@ -136,11 +137,16 @@ class EngineWorker:
         return 0.0
 
     async def transcribe(
-        self, request: EngineRequest, priority: Priority = Priority.FINAL
+        self,
+        request: EngineRequest,
+        priority: Priority = Priority.FINAL,
+        started: asyncio.Event | None = None,
     ) -> Transcription:
         """Queue one utterance and wait for its text. Raises ``EngineError`` on failure.
 
-        Cancelling the caller withdraws the request if it has not started yet.
+        Cancelling the caller withdraws the request if it has not started yet. ``started``,
+        if given, is set when the request goes to the engine: from then on withdrawing it
+        saves nothing, so a caller may rather use the result.
         """
         if not self._tasks or all(t.done() for t in self._tasks):
             raise EngineError("the engine is not running", code="engine_unavailable")
@@ -149,7 +155,7 @@ class EngineWorker:
                 self.skipped_interims += 1
                 raise EngineError("interim skipped: the engine is busy", "interim_skipped")
             raise EngineError("the engine queue is full", code="queue_full")
-        job = _Job(request, asyncio.get_running_loop().create_future(), priority)
+        job = _Job(request, asyncio.get_running_loop().create_future(), priority, started)
         self._queues[priority].append(job)
         async with self._work:
             self._work.notify_all()
@@ -212,6 +218,8 @@ class EngineWorker:
                     )
                     continue
                 batch.append(job)
+                if job.started is not None:
+                    job.started.set()
             if batch:
                 break  # never mix interims into a batch of finals: finals return sooner
         return batch

@@ -55,7 +55,7 @@ OPTS = SegmenterOptions(prefix_padding_ms=0, min_silence_ms=200)
 
 def test_early_pause_comes_from_the_first_silent_chunk_not_the_next_window() -> None:
     stream = LoudnessStream()
-    detector = SpeechDetector(stream, OPTS, early_pause=True)
+    detector = SpeechDetector(stream, OPTS, speculative=True)
     # 640 ms of speech ends on a window boundary (20 windows) and a chunk boundary (32 chunks).
     found = feed(detector, speech_then_pause(640, 400))
     kinds = [type(e) for e in found]
@@ -80,7 +80,7 @@ def test_without_early_pause_the_detector_never_looks() -> None:
 
 def test_looks_only_while_speech_is_open_and_unpaused() -> None:
     stream = LoudnessStream()
-    detector = SpeechDetector(stream, OPTS, early_pause=True)
+    detector = SpeechDetector(stream, OPTS, speculative=True)
     feed(detector, np.zeros(16_000, np.float32))  # a second of silence: nothing to look for
     assert stream.peeks == []
     audio = speech_then_pause(640, 400)
@@ -97,7 +97,7 @@ def test_looks_only_while_speech_is_open_and_unpaused() -> None:
 
 def test_a_short_gap_heard_early_is_withdrawn_by_the_next_window() -> None:
     stream = LoudnessStream()
-    detector = SpeechDetector(stream, OPTS, early_pause=True, interim_interval_ms=0)
+    detector = SpeechDetector(stream, OPTS, speculative=True, interim_interval_ms=0)
     # 20 ms of silence inside speech at 640..660 ms: the look pauses, the window (640..672,
     # newest sample loud again) resumes.
     audio = np.concatenate(
@@ -117,3 +117,33 @@ def test_a_short_gap_heard_early_is_withdrawn_by_the_next_window() -> None:
         SpeechStopped,
         Utterance,
     ]
+
+
+def interims_ms(speculative: bool) -> list[int]:
+    """Audio ms in each InterimDue over 2 s of speech with a 20 ms gap at 960 ms."""
+    detector = SpeechDetector(
+        LoudnessStream(), OPTS, interim_interval_ms=500, speculative=speculative
+    )
+    audio = np.concatenate(
+        [
+            np.full(960 * 16, SPEECH, np.float32),
+            np.full(20 * 16, SILENCE, np.float32),
+            speech_then_pause(1000, 400),
+        ]
+    )
+    at = []
+    for i in range(0, len(audio), 320):
+        at += [
+            len(ev.audio) // 16
+            for ev in detector.process(audio[i : i + 320])
+            if isinstance(ev, InterimDue)
+        ]
+    return at
+
+
+def test_a_speculative_pause_counts_as_the_interim() -> None:
+    # Speech confirmed at 128 ms: an interim every 512 ms (16 windows) of audio after that ...
+    assert interims_ms(speculative=False) == [640, 1152, 1664]
+    # ... unless the gap, heard at 980 ms, started a decode of the audio so far: the window
+    # grid's clock is then at 960 ms, so the next interim is due 16 windows later, at 1472.
+    assert interims_ms(speculative=True) == [640, 1472]

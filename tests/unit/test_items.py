@@ -162,3 +162,42 @@ async def test_interim_events_on_request_and_no_deltas_when_off() -> None:
         assert not [e for e in h.sent if e["type"] == DELTA]
     finally:
         await worker.close()
+
+
+async def test_withdrawn_speculation_on_the_engine_becomes_the_interim() -> None:
+    engine = Scripted({1000: "Ever tried", 1500: "Ever tried. Ever failed"}, delay=0.1)
+    worker = await start(engine)
+    h = Harness(worker)
+    try:
+        h.items.handle([SpeechStarted(0, 0), SpeechPaused(0, ms(1000), 1000)])
+        await asyncio.sleep(0.03)  # the engine has taken the speculative decode ...
+        h.items.handle([SpeechResumed(0)])  # ... when speech goes on
+        await h.settle()
+        assert h.items.speculations_dropped == 1
+        h.items.handle([InterimDue(0, ms(1500))])
+        await h.settle()
+        # The 1000 ms decode was the first hypothesis: the interim after it agrees with it.
+        assert [e["delta"] for e in h.sent if e["type"] == DELTA] == ["Ever tried."]
+        assert engine.decoded == [1000, 1500]  # nothing decoded twice, nothing wasted
+    finally:
+        await worker.close()
+
+
+async def test_withdrawn_speculation_still_queued_is_cancelled() -> None:
+    engine = Scripted({3000: "Ever tried.", 1000: "No"}, delay=0.2)
+    worker = await start(engine)  # one lane: item 0's final holds it
+    h = Harness(worker)
+    try:
+        h.items.handle([SpeechStarted(0, 0), SpeechStopped(0, 3000, 3224)])
+        h.items.handle([Utterance(0, ms(3000), 0, 0, 3000, "silence")])
+        await asyncio.sleep(0.03)
+        h.items.handle([SpeechStarted(1, 3500), SpeechPaused(1, ms(1000), 4500)])
+        await asyncio.sleep(0.03)  # still queued behind item 0's final ...
+        h.items.handle([SpeechResumed(1)])  # ... so withdrawing it saves a decode
+        await h.settle()
+        assert engine.decoded == [3000]
+        assert h.items.speculations_dropped == 1
+        # Only item 0's final sent text: the withdrawn decode never ran, so no hypothesis.
+        assert [e["delta"] for e in h.sent if e["type"] == DELTA] == ["Ever tried."]
+    finally:
+        await worker.close()

@@ -79,7 +79,7 @@ def pauses_before_each_cut(
 ) -> tuple[list[int], list[int]]:
     """(at_ms of the pause each utterance was cut on, end_ms of each utterance)."""
     options = SegmenterOptions.from_config(VadConfig(), SegmenterConfig())
-    detector = SpeechDetector(SileroVad().stream(), options, early_pause=early_pause)
+    detector = SpeechDetector(SileroVad().stream(), options, speculative=early_pause)
     last_pause: dict[int, int] = {}
     at, ends = [], []
     for i in range(0, len(audio), 320):
