@@ -7,7 +7,8 @@ Takes the detector's events for one call and turns them into engine requests and
   on go out as append-only ``delta`` events (LocalAgreement-2).
 - ``SpeechPaused`` starts the final decode speculatively, before the hangover has confirmed
   the end. ``SpeechResumed`` withdraws it: one still queued is cancelled, one the engine has
-  taken becomes the interim hypothesis. When the utterance is cut on that same silence the
+  taken becomes the interim hypothesis; while that one still runs, the next pause waits
+  ``HOLD_S`` before decoding again. When the utterance is cut on that same silence the
   speculative decode *is* the final: reused, never repeated, so ``completed`` follows the
   hangover at once if the decode already finished.
 - ``completed`` carries the authoritative text; a last ``delta`` first completes the deltas
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 
 #: A final unanswered this long, with the engine's backlog as long, sends ``engine_lag``.
 LAG_NOTICE_S = 1.0
+#: While a withdrawn speculative decode of the same item still runs, a new pause must last
+#: this long (three VAD windows) before its own decode goes on the engine.
+HOLD_S = 0.096
 ENGINE_LAG = "voxtral.engine_lag"
 
 
@@ -54,6 +58,7 @@ class _Item:
     speculation: asyncio.Task[Transcription] | None = None
     speculation_ms: int = 0  # audio time of the pause that started ``speculation``
     speculation_started: asyncio.Event = field(default_factory=asyncio.Event)  # on the engine
+    withdrawn: asyncio.Task[Transcription] | None = None  # the last withdrawn speculation
     finalising: bool = False
     stopped_at: float | None = None
     decided_ms: int | None = None
@@ -109,8 +114,9 @@ class ItemPipeline:
         for index in [i for i, item in self._open.items() if not item.finalising]:
             item = self._open.pop(index)
             self._drop_speculation(item)
-            if item.interim is not None:
-                item.interim.cancel()
+            for task in (item.interim, item.withdrawn):
+                if task is not None:
+                    task.cancel()
 
     def _request(self, audio: Any) -> EngineRequest:
         return EngineRequest(audio, language=self.language, prompt=self.prompt)
@@ -146,23 +152,36 @@ class ItemPipeline:
         self._drop_speculation(item)
         request = self._request(pause.audio)
         item.speculation_started = started = asyncio.Event()
-        decode = self._worker.transcribe(request, Priority.FINAL, started)
-        item.speculation = self._spawn(decode)
-        item.speculation_ms = pause.at_ms
+        # Each pause decodes the whole utterance so far, and a decode cannot be stopped once
+        # the engine has it. In long speech the short gaps between phrases would stack such
+        # decodes on every lane and the real end's final would queue behind them; so while
+        # an earlier withdrawn one still runs, a pause must last a few windows first: a gap
+        # is over by then, an end is not. Short utterances never wait.
+        hold_s = HOLD_S if item.withdrawn is not None and not item.withdrawn.done() else 0.0
+        item.speculation = self._spawn(self._decode_final(request, started, hold_s))
+        item.speculation_ms = pause.at_ms + round(hold_s * 1000)
+
+    async def _decode_final(
+        self, request: EngineRequest, started: asyncio.Event, hold_s: float
+    ) -> Transcription:
+        if hold_s:
+            await asyncio.sleep(hold_s)  # cancelled here by a resume: nothing was queued
+        return await self._worker.transcribe(request, Priority.FINAL, started)
 
     def _withdraw_speculation(self, item: _Item | None) -> None:
-        """Speech resumed, so the speculative decode is not the final. One the engine has
-        already taken is still a transcript of the audio so far: it becomes the interim
-        hypothesis (the detector skipped this interval's interim for it) instead of waste."""
+        """Speech resumed, so the speculative decode is not the final."""
         if item is None or item.speculation is None:
             return
-        idle = item.interim is None or item.interim.done()
-        if self.deltas and idle and item.speculation_started.is_set():
-            item.interim = self._spawn(self._run_interim(item, item.speculation))
-            item.speculation = None
-            self.speculations_dropped += 1
-        else:
-            self._drop_speculation(item)
+        if not item.speculation_started.is_set():
+            self._drop_speculation(item)  # still waiting: withdrawn before it cost anything
+            return
+        # The engine has it and will finish it whatever happens here. It is a transcript of
+        # the audio so far, so it becomes the interim hypothesis (the detector skipped this
+        # interval's interim for it) when no other is in flight, rather than waste.
+        item.withdrawn, item.speculation = item.speculation, None
+        self.speculations_dropped += 1
+        if self.deltas and (item.interim is None or item.interim.done()):
+            item.interim = self._spawn(self._run_interim(item, item.withdrawn))
 
     def _drop_speculation(self, item: _Item | None) -> None:
         if item is not None and item.speculation is not None:

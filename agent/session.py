@@ -37,7 +37,7 @@ from agent.audio_input import AudioInput
 from agent.config import Config
 from agent.detector import DetectorEvent, SpeechDetector
 from agent.engines.worker import EngineWorker
-from agent.errors import ProtocolError
+from agent.errors import EngineError, ProtocolError
 from agent.items import ENGINE_LAG, ItemPipeline
 from agent.observer import AudioLagMeter, CallObserver
 from agent.peer import close_peer
@@ -273,9 +273,11 @@ class CallSession:
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            # Expected failures become events inside the tasks; anything else is a bug.
-            self._log.error("call %s: task failed", self.id, exc_info=task.exception())
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None and not isinstance(exc, EngineError):
+            # Expected failures (EngineError) become events where the result is awaited, or
+            # do not matter (a withdrawn speculative decode); anything else is a bug.
+            self._log.error("call %s: task failed", self.id, exc_info=exc)
 
     # -- audio path --------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from agent.config import EngineConfig
 from agent.detector import InterimDue
 from agent.engines.base import Engine, EngineRequest, EngineResult
 from agent.engines.worker import EngineWorker
-from agent.items import ItemPipeline
+from agent.items import HOLD_S, ItemPipeline
 from agent.segmenter import SpeechPaused, SpeechResumed, SpeechStarted, SpeechStopped, Utterance
 
 DELTA = "conversation.item.input_audio_transcription.delta"
@@ -20,7 +20,7 @@ COMPLETED = "conversation.item.input_audio_transcription.completed"
 
 
 class Scripted(Engine):
-    """Answers by audio length (ms -> text), slowly; records what it decoded."""
+    """Answers by audio length (ms -> text), slowly; records what it decodes as it starts."""
 
     name = "scripted"
 
@@ -35,12 +35,12 @@ class Scripted(Engine):
     def transcribe(self, batch: Sequence[EngineRequest]) -> list[EngineResult]:
         import time
 
-        time.sleep(self.delay)
         out = []
         for r in batch:
             ms = len(r.audio) // 16
             self.decoded.append(ms)
             out.append(EngineResult(self.texts.get(ms, f"?{ms}")))
+        time.sleep(self.delay)
         return out
 
 
@@ -95,8 +95,9 @@ async def test_speculation_dropped_when_speech_resumes_and_reused_when_it_ends()
         assert h.items.speculations_reused == 1 and h.items.speculations_dropped == 1
         # completed came at once: the decode had finished before the stop was decided.
         assert completed[0]["timings"]["server_ms"] < 50
-        # The final's decode started at the second pause: 2300 - 2268 ms after speech ended.
-        assert completed[0]["timings"]["decode_after_ms"] == 32
+        # The final's decode started at the second pause, 2300 - 2268 ms after speech ended,
+        # plus the hold: the withdrawn 1000 ms decode was still running then.
+        assert completed[0]["timings"]["decode_after_ms"] == 32 + HOLD_S * 1000
     finally:
         await worker.close()
 
@@ -199,5 +200,52 @@ async def test_withdrawn_speculation_still_queued_is_cancelled() -> None:
         assert h.items.speculations_dropped == 1
         # Only item 0's final sent text: the withdrawn decode never ran, so no hypothesis.
         assert [e["delta"] for e in h.sent if e["type"] == DELTA] == ["Ever tried."]
+    finally:
+        await worker.close()
+
+
+async def test_a_pause_waits_while_a_withdrawn_decode_still_runs() -> None:
+    """Long speech with short gaps: a gap must not start a second decode of the whole
+    utterance while the last withdrawn one still holds the engine; a real end still does."""
+    engine = Scripted({1000: "Ever tried", 2000: "Ever tried. Ever failed."}, delay=0.4)
+    worker = await start(engine)
+    h = Harness(worker)
+    try:
+        h.items.handle([SpeechStarted(0, 0), SpeechPaused(0, ms(1000), 1000)])
+        await asyncio.sleep(0.03)
+        h.items.handle([SpeechResumed(0)])  # withdrawn while the engine decodes it
+        h.items.handle([SpeechPaused(0, ms(1200), 1200)])  # a short gap, 60 ms ...
+        await asyncio.sleep(0.06)
+        h.items.handle([SpeechResumed(0)])  # ... over before the hold: never queued
+        h.items.handle([SpeechPaused(0, ms(2000), 2000)])  # the real end, still held ...
+        await asyncio.sleep(HOLD_S / 2)
+        assert worker.queue_depth == 0  # ... held ...
+        await asyncio.sleep(HOLD_S)
+        assert worker.queue_depth == 1  # ... then queued (the one lane is still busy)
+        h.items.handle([SpeechStopped(0, 1968, 2192)])
+        h.items.handle([Utterance(0, ms(2192), 0, 0, 1968, "silence")])
+        await h.settle()
+        assert engine.decoded == [1000, 2000]  # the 1200 ms gap cost nothing
+        (completed,) = [e for e in h.sent if e["type"] == COMPLETED]
+        assert completed["transcript"] == "Ever tried. Ever failed." and completed["speculative"]
+        # Its decode started the hold after the pause: 2000 + 96 - 1968 ms after the end.
+        assert completed["timings"]["decode_after_ms"] == 32 + HOLD_S * 1000
+    finally:
+        await worker.close()
+
+
+async def test_no_hold_once_the_withdrawn_decode_is_done() -> None:
+    engine = Scripted({1000: "Ever tried", 2000: "Ever tried. Ever failed."}, delay=0.05)
+    worker = await start(engine)
+    h = Harness(worker)
+    try:
+        h.items.handle([SpeechStarted(0, 0), SpeechPaused(0, ms(1000), 1000)])
+        await asyncio.sleep(0.02)
+        h.items.handle([SpeechResumed(0)])
+        await asyncio.sleep(0.1)  # the withdrawn decode has finished
+        h.items.handle([SpeechPaused(0, ms(2000), 2000)])
+        await asyncio.sleep(0.02)  # well under the hold: the decode went at once
+        assert engine.decoded == [1000, 2000]
+        await h.settle()
     finally:
         await worker.close()
