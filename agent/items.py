@@ -3,7 +3,8 @@
 Takes the detector's events for one call and turns them into engine requests and wire events:
 
 - ``speech_started`` opens an item. While it is open, ``InterimDue`` re-transcribes its audio
-  so far (at interim priority, one at a time per call); words two consecutive hypotheses agree
+  so far (at interim priority; one hypothesis in flight per call, a withdrawn speculative
+  decode included, so the other lane stays free for finals); words two consecutive hypotheses agree
   on go out as append-only ``delta`` events (LocalAgreement-2).
 - ``SpeechPaused`` starts the final decode speculatively, before the hangover has confirmed
   the end. ``SpeechResumed`` withdraws it: one still queued is cancelled, one the engine has
@@ -125,8 +126,10 @@ class ItemPipeline:
 
     def _interim(self, due: InterimDue) -> None:
         item = self._open.get(due.index)
-        if item is None or item.finalising or (item.interim and not item.interim.done()):
-            return  # one interim in flight per call: a slow engine just gets fewer
+        if item is None or item.finalising or _running(item.interim) or _running(item.withdrawn):
+            # One hypothesis in flight per call (an interim or a withdrawn speculation): a
+            # slow engine just gets fewer, and the other lane stays free for the final.
+            return
         decode = self._worker.transcribe(self._request(due.audio), Priority.INTERIM)
         item.interim = self._spawn(self._run_interim(item, decode))
 
@@ -157,7 +160,7 @@ class ItemPipeline:
         # decodes on every lane and the real end's final would queue behind them; so while
         # an earlier withdrawn one still runs, a pause must last a few windows first: a gap
         # is over by then, an end is not. Short utterances never wait.
-        hold_s = HOLD_S if item.withdrawn is not None and not item.withdrawn.done() else 0.0
+        hold_s = HOLD_S if _running(item.withdrawn) else 0.0
         item.speculation = self._spawn(self._decode_final(request, started, hold_s))
         item.speculation_ms = pause.at_ms + round(hold_s * 1000)
 
@@ -180,7 +183,7 @@ class ItemPipeline:
         # interval's interim for it) when no other is in flight, rather than waste.
         item.withdrawn, item.speculation = item.speculation, None
         self.speculations_dropped += 1
-        if self.deltas and (item.interim is None or item.interim.done()):
+        if self.deltas and not _running(item.interim):
             item.interim = self._spawn(self._run_interim(item, item.withdrawn))
 
     def _drop_speculation(self, item: _Item | None) -> None:
@@ -255,6 +258,10 @@ class ItemPipeline:
         completed["lag_ms"] = round(self._worker.lag_ms(), 1)
         self._send(completed)
         self._observer.final_completed((timings["vad_ms"] + timings["server_ms"]) / 1000)
+
+
+def _running(task: asyncio.Task[Any] | None) -> bool:
+    return task is not None and not task.done()
 
 
 def engine_lag(item_id: str, lag_ms: float, queue_depth: int) -> events.Event:

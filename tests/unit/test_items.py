@@ -249,3 +249,33 @@ async def test_no_hold_once_the_withdrawn_decode_is_done() -> None:
         await h.settle()
     finally:
         await worker.close()
+
+
+class Proportional(Scripted):
+    """Takes 0.3 s per second of audio, so longer audio holds a lane longer."""
+
+    max_lanes = 2
+
+    def transcribe(self, batch: Sequence[EngineRequest]) -> list[EngineResult]:
+        self.delay = 0.3 * len(batch[0].audio) / 16_000
+        return super().transcribe(batch)
+
+
+async def test_no_interim_while_a_withdrawn_decode_still_runs() -> None:
+    engine = Proportional({})
+    worker = await EngineWorker.start(EngineConfig(lanes=2, max_wait_ms=0), engine)
+    h = Harness(worker)
+    try:
+        h.items.handle([SpeechStarted(0, 0), InterimDue(0, ms(500))])  # 0.15 s on a lane
+        await asyncio.sleep(0.01)
+        h.items.handle([SpeechPaused(0, ms(1000), 1000)])  # 0.3 s on the other lane
+        await asyncio.sleep(0.02)
+        h.items.handle([SpeechResumed(0)])  # withdrawn, running; the interim is in flight
+        await asyncio.sleep(0.17)  # the interim is done, the withdrawn decode is not
+        h.items.handle([InterimDue(0, ms(1200))])  # skipped: one hypothesis per call
+        await asyncio.sleep(0.15)  # now the withdrawn decode is done too
+        h.items.handle([InterimDue(0, ms(1500))])
+        await h.settle()
+        assert engine.decoded == [500, 1000, 1500]
+    finally:
+        await worker.close()
