@@ -165,6 +165,30 @@ SNAPSHOT_JS = """() => ({
   })),
 })"""
 
+# Installed before the page loads: every change of an utterance's grey (interim) or black
+# (final) text, with the colour the browser renders it in, in order, as ``window.textLog``.
+TEXT_LOG_JS = """(() => {
+  window.textLog = [];
+  const t0 = performance.now();
+  const note = (span) => {
+    const utt = span.closest('.utterance');
+    const kind = span.classList.contains('final') ? 'final' : 'interim';
+    const text = span.textContent;
+    const id = utt.dataset.itemId;
+    const last = window.textLog.findLast((e) => e.item_id === id && e.kind === kind);
+    if (last ? last.text === text : !text) return;
+    window.textLog.push({ms: Math.round(performance.now() - t0), item_id: id,
+      kind, text, color: getComputedStyle(span).color});
+  };
+  new MutationObserver((records) => {
+    for (const r of records) {
+      const node = r.target.nodeType === Node.TEXT_NODE ? r.target.parentElement : r.target;
+      const span = node && node.closest ? node.closest('.interim, .final') : null;
+      if (span) note(span);
+    }
+  }).observe(document, {subtree: true, childList: true, characterData: true});
+})()"""
+
 PENDING_JS = """() => !document.querySelector(
   '#utterances .utterance[data-status="listening"],'
   + '#utterances .utterance[data-status="transcribing"]')"""
@@ -195,6 +219,7 @@ def drive_browser(
             page = context.new_page()
             page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
             page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+            page.add_init_script(TEXT_LOG_JS)
             page.set_default_timeout(10_000)
             page.goto(f"{base}/", wait_until="load", timeout=deadline.left(15) * 1000)
             result["title"] = page.title()
@@ -224,6 +249,7 @@ def drive_browser(
                 result["error"] = f"waiting in the page: {str(exc).splitlines()[0]}"
             finally:
                 result["page"] = page.evaluate(SNAPSHOT_JS)
+                result["text_log"] = page.evaluate("() => window.textLog")
                 shot = work_dir / "screenshot.png"
                 page.screenshot(path=str(shot), full_page=True)
                 result["screenshot"] = str(shot)

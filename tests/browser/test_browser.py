@@ -8,6 +8,7 @@ machine. ``run_in_netns.py`` does the work inside the namespace and prints a JSO
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -191,3 +192,56 @@ def test_browser_call_transcribes_beckett(tmp_path: Path) -> None:
     if os.environ.get("UPDATE_SCREENSHOT") == "1":
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, SCREENSHOT)
+
+
+def rgb(color: str) -> tuple[int, ...]:
+    """``rgb(r, g, b)`` as the browser reports a computed colour."""
+    return tuple(int(v) for v in re.findall(r"\d+", color)[:3])
+
+
+def test_browser_shows_growing_grey_text_then_the_final(tmp_path: Path) -> None:
+    """Ten seconds of speech without a pause: while the person talks, the page shows the
+    agreed words in grey, growing; the final replaces them in black."""
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from agent.audio_file import read_audio
+    from tests.integration.test_streaming import phrases_without_pauses
+
+    speech = tmp_path / "joined.wav"
+    pcm = np.clip(phrases_without_pauses(read_audio(BECKETT), 10.0), -1, 1) * 32767
+    with wave.open(str(speech), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16_000)
+        w.writeframes(pcm.astype("<i2").tobytes())
+    wav = tmp_path / "joined_padded.wav"
+    write_padded_wav(speech, wav)
+    result = run_helper(wav, tmp_path / "run")
+    detail = explain(result)
+    assert result["ok"], f"the call did not produce the expected words\n{detail}"
+
+    log: list[dict[str, Any]] = result.get("text_log") or []
+    finals = {e["item_id"]: i for i, e in enumerate(log) if e["kind"] == "final" and e["text"]}
+    assert finals, detail
+
+    # The long utterance: the item with the most grey updates before its final.
+    def grey_before(item: str) -> list[dict[str, Any]]:
+        return [e for e in log[: finals[item]] if e["item_id"] == item and e["kind"] == "interim"]
+
+    item = max(finals, key=lambda i: len(grey_before(i)))
+    grey = grey_before(item)
+    texts = [e["text"] for e in grey]
+    assert len(texts) >= 2 and all(texts), f"no growing grey text: {texts}\n{detail}"
+    for shorter, longer in itertools.pairwise(texts):
+        assert longer.startswith(shorter) and len(longer) > len(shorter), texts  # append-only
+    final = log[finals[item]]
+    grey_rgb, final_rgb = {rgb(e["color"]) for e in grey}, rgb(final["color"])
+    assert len(grey_rgb) == 1, grey_rgb
+    (grey_color,) = grey_rgb
+    assert sum(final_rgb) < 3 * 80, f"final text not black: {final['color']}"
+    assert sum(grey_color) > sum(final_rgb) + 3 * 60, f"interim not grey: {grey_color}"
+    # The final took the grey text's place: the grey span was emptied as the final appeared.
+    after = [e for e in log[finals[item] :] if e["item_id"] == item and e["kind"] == "interim"]
+    assert after and after[0]["text"] == "", detail
+    assert set(words(texts[-1])) <= set(words(final["text"])), (texts[-1], final["text"])
