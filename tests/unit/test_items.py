@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,7 @@ def ms(n: int) -> np.ndarray:
 
 class Harness:
     def __init__(self, worker: EngineWorker) -> None:
+        self.worker = worker
         self.sent: list[dict[str, Any]] = []
         self.tasks: set[asyncio.Task[Any]] = set()
         self.items = ItemPipeline(worker, self.sent.append, self.spawn)
@@ -67,15 +69,19 @@ class Harness:
         return [e["type"].rsplit(".", 1)[-1] for e in self.sent]
 
 
-async def start(engine: Engine) -> EngineWorker:
-    return await EngineWorker.start(EngineConfig(lanes=1, max_wait_ms=0), engine)
+@contextlib.asynccontextmanager
+async def pipeline(engine: Engine, lanes: int = 1) -> AsyncIterator[Harness]:
+    """An item pipeline on a started worker (one lane unless asked), closed afterwards."""
+    worker = await EngineWorker.start(EngineConfig(lanes=lanes, max_wait_ms=0), engine)
+    try:
+        yield Harness(worker)
+    finally:
+        await worker.close()
 
 
 async def test_speculation_dropped_when_speech_resumes_and_reused_when_it_ends() -> None:
     engine = Scripted({1000: "ever", 2000: "ever tried"}, delay=0.2)
-    worker = await start(engine)
-    h = Harness(worker)
-    try:
+    async with pipeline(engine) as h:
         h.items.handle([SpeechStarted(0, 300)])
         h.items.handle([SpeechPaused(0, ms(1000), 1300)])  # a pause between words ...
         await asyncio.sleep(0.05)  # ... its decode is running ...
@@ -98,15 +104,11 @@ async def test_speculation_dropped_when_speech_resumes_and_reused_when_it_ends()
         # The final's decode started at the second pause, 2300 - 2268 ms after speech ended,
         # plus the hold: the withdrawn 1000 ms decode was still running then.
         assert completed[0]["timings"]["decode_after_ms"] == 32 + HOLD_S * 1000
-    finally:
-        await worker.close()
 
 
 async def test_speculation_not_used_for_forced_cut() -> None:
     engine = Scripted({1000: "partial", 3000: "whole"}, delay=0.0)
-    worker = await start(engine)
-    h = Harness(worker)
-    try:
+    async with pipeline(engine) as h:
         h.items.handle([SpeechStarted(0, 0), SpeechPaused(0, ms(1000), 1000)])
         h.items.handle([SpeechStopped(0, 3000, 3000)])
         h.items.handle(
@@ -117,15 +119,11 @@ async def test_speculation_not_used_for_forced_cut() -> None:
         assert [c["transcript"] for c in completed] == ["whole"]
         assert "speculative" not in completed[0]
         assert completed[0]["timings"]["decode_after_ms"] == 0  # decided at the cut itself
-    finally:
-        await worker.close()
 
 
 async def test_deltas_append_only_then_completed() -> None:
     engine = Scripted({500: "No", 1000: "No matter", 1500: "No matter.", 1700: "No matter."})
-    worker = await start(engine)
-    h = Harness(worker)
-    try:
+    async with pipeline(engine) as h:
         h.items.handle([SpeechStarted(0, 0)])
         for n in (500, 1000, 1500):
             h.items.handle([InterimDue(0, ms(n))])
@@ -143,17 +141,13 @@ async def test_deltas_append_only_then_completed() -> None:
         ]
         deltas = [e["delta"] for e in h.sent if e["type"] == DELTA]
         assert deltas == ["No", " matter."]
-    finally:
-        await worker.close()
 
 
 async def test_interim_events_on_request_and_no_deltas_when_off() -> None:
     engine = Scripted({500: "Fail", 1000: "Fail better"})
-    worker = await start(engine)
-    h = Harness(worker)
-    h.items.include_interim = True
-    h.items.deltas = False
-    try:
+    async with pipeline(engine) as h:
+        h.items.include_interim = True
+        h.items.deltas = False
         h.items.handle([SpeechStarted(0, 0), InterimDue(0, ms(500))])
         await h.settle()
         h.items.handle([Utterance(0, ms(1000), 0, 0, 1000, "commit")])
@@ -161,15 +155,11 @@ async def test_interim_events_on_request_and_no_deltas_when_off() -> None:
         interims = [e for e in h.sent if e["type"].endswith(".interim")]
         assert [e["text"] for e in interims] == ["Fail"]
         assert not [e for e in h.sent if e["type"] == DELTA]
-    finally:
-        await worker.close()
 
 
 async def test_withdrawn_speculation_on_the_engine_becomes_the_interim() -> None:
     engine = Scripted({1000: "Ever tried", 1500: "Ever tried. Ever failed"}, delay=0.1)
-    worker = await start(engine)
-    h = Harness(worker)
-    try:
+    async with pipeline(engine) as h:
         h.items.handle([SpeechStarted(0, 0), SpeechPaused(0, ms(1000), 1000)])
         await asyncio.sleep(0.03)  # the engine has taken the speculative decode ...
         h.items.handle([SpeechResumed(0)])  # ... when speech goes on
@@ -180,15 +170,11 @@ async def test_withdrawn_speculation_on_the_engine_becomes_the_interim() -> None
         # The 1000 ms decode was the first hypothesis: the interim after it agrees with it.
         assert [e["delta"] for e in h.sent if e["type"] == DELTA] == ["Ever tried."]
         assert engine.decoded == [1000, 1500]  # nothing decoded twice, nothing wasted
-    finally:
-        await worker.close()
 
 
 async def test_withdrawn_speculation_still_queued_is_cancelled() -> None:
     engine = Scripted({3000: "Ever tried.", 1000: "No"}, delay=0.2)
-    worker = await start(engine)  # one lane: item 0's final holds it
-    h = Harness(worker)
-    try:
+    async with pipeline(engine) as h:  # one lane: item 0's final holds it
         h.items.handle([SpeechStarted(0, 0), SpeechStopped(0, 3000, 3224)])
         h.items.handle([Utterance(0, ms(3000), 0, 0, 3000, "silence")])
         await asyncio.sleep(0.03)
@@ -200,17 +186,13 @@ async def test_withdrawn_speculation_still_queued_is_cancelled() -> None:
         assert h.items.speculations_dropped == 1
         # Only item 0's final sent text: the withdrawn decode never ran, so no hypothesis.
         assert [e["delta"] for e in h.sent if e["type"] == DELTA] == ["Ever tried."]
-    finally:
-        await worker.close()
 
 
 async def test_a_pause_waits_while_a_withdrawn_decode_still_runs() -> None:
     """Long speech with short gaps: a gap must not start a second decode of the whole
     utterance while the last withdrawn one still holds the engine; a real end still does."""
     engine = Scripted({1000: "Ever tried", 2000: "Ever tried. Ever failed."}, delay=0.4)
-    worker = await start(engine)
-    h = Harness(worker)
-    try:
+    async with pipeline(engine) as h:
         h.items.handle([SpeechStarted(0, 0), SpeechPaused(0, ms(1000), 1000)])
         await asyncio.sleep(0.03)
         h.items.handle([SpeechResumed(0)])  # withdrawn while the engine decodes it
@@ -219,9 +201,9 @@ async def test_a_pause_waits_while_a_withdrawn_decode_still_runs() -> None:
         h.items.handle([SpeechResumed(0)])  # ... over before the hold: never queued
         h.items.handle([SpeechPaused(0, ms(2000), 2000)])  # the real end, still held ...
         await asyncio.sleep(HOLD_S / 2)
-        assert worker.queue_depth == 0  # ... held ...
+        assert h.worker.queue_depth == 0  # ... held ...
         await asyncio.sleep(HOLD_S)
-        assert worker.queue_depth == 1  # ... then queued (the one lane is still busy)
+        assert h.worker.queue_depth == 1  # ... then queued (the one lane is still busy)
         h.items.handle([SpeechStopped(0, 1968, 2192)])
         h.items.handle([Utterance(0, ms(2192), 0, 0, 1968, "silence")])
         await h.settle()
@@ -230,15 +212,11 @@ async def test_a_pause_waits_while_a_withdrawn_decode_still_runs() -> None:
         assert completed["transcript"] == "Ever tried. Ever failed." and completed["speculative"]
         # Its decode started the hold after the pause: 2000 + 96 - 1968 ms after the end.
         assert completed["timings"]["decode_after_ms"] == 32 + HOLD_S * 1000
-    finally:
-        await worker.close()
 
 
 async def test_no_hold_once_the_withdrawn_decode_is_done() -> None:
     engine = Scripted({1000: "Ever tried", 2000: "Ever tried. Ever failed."}, delay=0.05)
-    worker = await start(engine)
-    h = Harness(worker)
-    try:
+    async with pipeline(engine) as h:
         h.items.handle([SpeechStarted(0, 0), SpeechPaused(0, ms(1000), 1000)])
         await asyncio.sleep(0.02)
         h.items.handle([SpeechResumed(0)])
@@ -247,8 +225,6 @@ async def test_no_hold_once_the_withdrawn_decode_is_done() -> None:
         await asyncio.sleep(0.02)  # well under the hold: the decode went at once
         assert engine.decoded == [1000, 2000]
         await h.settle()
-    finally:
-        await worker.close()
 
 
 class Proportional(Scripted):
@@ -263,9 +239,7 @@ class Proportional(Scripted):
 
 async def test_no_interim_while_a_withdrawn_decode_still_runs() -> None:
     engine = Proportional({})
-    worker = await EngineWorker.start(EngineConfig(lanes=2, max_wait_ms=0), engine)
-    h = Harness(worker)
-    try:
+    async with pipeline(engine, lanes=2) as h:
         h.items.handle([SpeechStarted(0, 0), InterimDue(0, ms(500))])  # 0.15 s on a lane
         await asyncio.sleep(0.01)
         h.items.handle([SpeechPaused(0, ms(1000), 1000)])  # 0.3 s on the other lane
@@ -277,5 +251,3 @@ async def test_no_interim_while_a_withdrawn_decode_still_runs() -> None:
         h.items.handle([InterimDue(0, ms(1500))])
         await h.settle()
         assert engine.decoded == [500, 1000, 1500]
-    finally:
-        await worker.close()
