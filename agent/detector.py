@@ -70,19 +70,22 @@ class SpeechDetector:
         self._pending = buf[n_windows * WINDOW_SAMPLES :].copy()
         self._recent = np.concatenate([self._recent, samples])[-PEEK_SAMPLES:]
         seg = self.segmenter
-        if self.speculative and len(self._pending) and seg.in_speech and not seg.paused:
+        if self.speculative and len(self._pending) and seg.can_pause:
             found = seg.peek(self.vad.peek(self._recent), self._pending)
             events.extend(found)
-            self._interim(found)  # a pause restarts the interim interval; nothing is due
+            self._restart_interval(found)
         return events
+
+    def _restart_interval(self, found: list[SegmenterEvent]) -> None:
+        """Interims count from speech onset, and from a speculative pause: its decode
+        doubles as that interval's interim."""
+        restart = (SpeechStarted, SpeechPaused) if self.speculative else (SpeechStarted,)
+        if any(isinstance(e, restart) for e in found):
+            self._last_interim_ms = self.segmenter.clock_ms
 
     def _interim(self, found: list[SegmenterEvent]) -> list[DetectorEvent]:
         seg = self.segmenter
-        if any(isinstance(e, SpeechStarted) for e in found):
-            self._last_interim_ms = seg.clock_ms
-        if self.speculative and any(isinstance(e, SpeechPaused) for e in found):
-            # The speculative decode started here doubles as this interval's interim.
-            self._last_interim_ms = seg.clock_ms
+        self._restart_interval(found)
         if (
             not self.interim_interval_ms
             or not seg.in_speech

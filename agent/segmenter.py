@@ -159,6 +159,11 @@ class Segmenter:
         """Inside confirmed speech, but in a silence that may become its end."""
         return self._confirmed and (self._silence_run_ms > 0 or self._peeked_pause)
 
+    @property
+    def can_pause(self) -> bool:
+        """Confirmed speech under server VAD, not paused yet: what a ``peek`` may pause."""
+        return self.options.turn_detection and self._confirmed and not self.paused
+
     def open_audio(self) -> npt.NDArray[np.float32]:
         """The open utterance's audio so far (pre-roll included), for interim decodes."""
         return np.concatenate(self._audio) if self._audio else np.zeros(0, np.float32)
@@ -190,12 +195,7 @@ class Segmenter:
         ``VadStream.peek``): if confirmed speech already sounds silent there, pause now rather
         than when the window completes, up to 32 ms later. The next whole window confirms the
         pause (no second ``SpeechPaused``) or resumes speech (``SpeechResumed``)."""
-        if (
-            not self.options.turn_detection
-            or not self._confirmed
-            or self.paused
-            or probability >= self.options.neg_threshold
-        ):
+        if not self.can_pause or probability >= self.options.neg_threshold:
             return []
         self._peeked_pause = True
         at_ms = self._clock_ms + len(tail) * WINDOW_MS // WINDOW_SAMPLES
