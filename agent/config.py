@@ -213,6 +213,11 @@ class LimitsConfig:
     max_calls: int = 64
     #: ``POST /api/offer`` per client IP and minute (token bucket, bursts up to this); 0 = off.
     offers_per_minute_per_ip: int = 60
+    #: ``PATCH /api/offer`` (trickle ICE) per client IP and minute (token bucket); 0 = off.
+    patches_per_minute_per_ip: int = 120
+    #: Trickled ICE candidates one call accepts over its life: each is an address the
+    #: server sends STUN checks to, so an unbounded list makes it a reflector.
+    candidates_per_call: int = 32
     #: Longest call in seconds; the call then ends itself (open utterance flushed); 0 = none.
     max_call_s: float = 3600.0
     #: Data-channel send buffer beyond which deltas and interims are dropped (finals never).
@@ -224,6 +229,13 @@ class LimitsConfig:
     max_audio_s: float = 7200.0
     #: File transcriptions running at once; more get 503 + Retry-After.
     max_file_jobs: int = 2
+    #: Longest one file's decode may take (its own process, killed then): a 2-hour Opus
+    #: file decodes in about a minute on 2 busy cores; a file that takes longer is a trick.
+    decode_timeout_s: float = 300.0
+    #: An upload's body must arrive at this average pace once ``upload_grace_s`` has
+    #: passed, or it gets 408: a stalled upload cannot hold a connection and its memory.
+    upload_min_bytes_per_s: int = 32_768
+    upload_grace_s: float = 10.0
     #: Whole-fetch deadline for ``file_url`` downloads (all redirects included).
     url_timeout_s: float = 30.0
     #: Redirects followed for ``file_url``; each hop's scheme and addresses are re-checked.
@@ -240,6 +252,12 @@ class LimitsConfig:
             "must be >= 0 (0: no limit)",
         )
         _check(
+            self.patches_per_minute_per_ip >= 0,
+            "limits.patches_per_minute_per_ip",
+            "must be >= 0 (0: no limit)",
+        )
+        _check(self.candidates_per_call >= 1, "limits.candidates_per_call", "must be >= 1")
+        _check(
             self.max_call_s == 0 or self.max_call_s >= 1,
             "limits.max_call_s",
             "must be 0 (no limit) or >= 1",
@@ -248,6 +266,11 @@ class LimitsConfig:
         _check(self.max_upload_bytes >= 1024, "limits.max_upload_bytes", "must be >= 1024")
         _check(self.max_audio_s >= 1, "limits.max_audio_s", "must be >= 1")
         _check(self.max_file_jobs >= 1, "limits.max_file_jobs", "must be >= 1")
+        _check(self.decode_timeout_s > 0, "limits.decode_timeout_s", "must be > 0")
+        _check(
+            self.upload_min_bytes_per_s >= 1024, "limits.upload_min_bytes_per_s", "must be >= 1024"
+        )
+        _check(self.upload_grace_s > 0, "limits.upload_grace_s", "must be > 0")
         _check(self.url_timeout_s > 0, "limits.url_timeout_s", "must be > 0")
         _check(0 <= self.url_max_redirects <= 20, "limits.url_max_redirects", "must be 0..20")
 

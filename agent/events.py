@@ -9,11 +9,11 @@ into an ``error`` event while the call goes on.
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from agent import json_guard
 from agent.errors import ProtocolError
 
 Event = dict[str, Any]
@@ -97,9 +97,31 @@ def transcription_failed(item_id: str, code: str, message: str) -> Event:
     )
 
 
+#: Longest piece of a client's own input repeated back in an ``error`` event.
+ECHO_MAX_CHARS = 64
+#: Longest ``error.message``: ours are one sentence; the cap guards against a long echo.
+ERROR_MESSAGE_MAX_CHARS = 256
+
+
+def clip(text: str, max_chars: int = ECHO_MAX_CHARS) -> str:
+    """``text`` cut to ``max_chars`` characters, an ellipsis marking the cut."""
+    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+
+
+def echo(value: object) -> str:
+    """A client's value quoted for an error message, cut to ``ECHO_MAX_CHARS``.
+
+    Errors repeat what the client sent so it can tell which input was refused; repeating all
+    of it would let every small bad message cost its full size again on the way back.
+    """
+    return clip(repr(value))
+
+
 def error(code: str, message: str, type_: str = "invalid_request_error", **extra: Any) -> Event:
+    message = clip(message, ERROR_MESSAGE_MAX_CHARS)
     body: dict[str, Any] = {"type": type_, "code": code, "message": message}
-    body.update(extra)
+    # Extras (``event_id``) come from the client: cut like any other echo.
+    body.update({k: clip(v) if isinstance(v, str) else v for k, v in extra.items()})
     return _event("error", error=body)
 
 
@@ -146,7 +168,11 @@ def parse_client_event(raw: str | bytes) -> ClientEvent:
     if len(raw) > MAX_CLIENT_MESSAGE:
         raise ProtocolError("message larger than 64 KiB", code="message_too_large")
     try:
-        msg = json.loads(raw)
+        # Depth-guarded: deep nesting made json.loads raise RecursionError, which escaped
+        # the channel's message handler and killed the call's DTLS loop.
+        msg = json_guard.loads(raw)
+    except json_guard.JsonTooDeep as exc:
+        raise ProtocolError(f"message is not valid JSON: {exc}", code="invalid_json") from None
     except (ValueError, UnicodeDecodeError):
         raise ProtocolError("message is not valid JSON", code="invalid_json") from None
     if not isinstance(msg, dict):
@@ -163,7 +189,7 @@ def parse_client_event(raw: str | bytes) -> ClientEvent:
         return _parse_session_update(msg, event_id)
     if not isinstance(type_, str):
         raise ProtocolError("missing string field 'type'", code="missing_required_parameter")
-    raise ProtocolError(f"unsupported event type {type_!r}", code="unknown_event_type")
+    raise ProtocolError(f"unsupported event type {echo(type_)}", code="unknown_event_type")
 
 
 def _parse_session_update(msg: dict[str, Any], event_id: str | None) -> SessionUpdate:
@@ -199,7 +225,9 @@ def _parse_session_update(msg: dict[str, Any], event_id: str | None) -> SessionU
             raise ProtocolError("turn_detection must be an object or null", "invalid_value")
         kind = td_raw.get("type", "server_vad")
         if kind != "server_vad":
-            raise ProtocolError(f"turn_detection type {kind!r} is not supported", "invalid_value")
+            raise ProtocolError(
+                f"turn_detection type {echo(kind)} is not supported", "invalid_value"
+            )
         turn = TurnDetection(
             threshold=_opt_number(td_raw, "threshold", 0.01, 0.99),
             prefix_padding_ms=_opt_int(td_raw, "prefix_padding_ms", 0, 5000),

@@ -7,13 +7,28 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import aioice.ice
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
+from aiortc import (
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSctpCapabilities,
+    RTCSctpTransport,
+    RTCSessionDescription,
+)
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
+from aiortc.rtcsctptransport import (
+    SCTP_DATA_FIRST_FRAG,
+    SCTP_DATA_LAST_FRAG,
+    DataChunk,
+    InboundStream,
+    tsn_plus_one,
+)
 
 from agent.config import WebRTCConfig
+from agent.events import MAX_CLIENT_MESSAGE
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +70,183 @@ def rtc_configuration(config: WebRTCConfig) -> RTCConfiguration:
 
 
 def new_peer_connection(config: WebRTCConfig) -> RTCPeerConnection:
-    return RTCPeerConnection(configuration=rtc_configuration(config))
+    return ServerPeerConnection(configuration=rtc_configuration(config))
+
+
+#: Largest data-channel message a peer may send us: advertised in the SDP answer
+#: (``a=max-message-size``) and enforced while SCTP reassembles; no client event is larger.
+MAX_MESSAGE_BYTES = MAX_CLIENT_MESSAGE
+#: Most fragments of one message: 64 KiB in fragments of at least 64 bytes (browsers and
+#: aiortc cut ~1.1 KiB); each costs ~200 bytes of Python whatever its payload.
+MAX_MESSAGE_FRAGMENTS = 1024
+#: Most unfinished data all streams of one association may hold: the receive window aiortc
+#: advertises (1 MiB), which a compliant sender never has outstanding at once; legitimately
+#: more than one message is held only while a lost packet is resent.
+MAX_HELD_BYTES = 1 << 20
+MAX_HELD_FRAGMENTS = 4096
+#: Emitted (no arguments) by a ``ServerPeerConnection`` whose peer sent past those limits.
+MESSAGE_TOO_LARGE = "message_too_large"
+
+
+class ServerPeerConnection(RTCPeerConnection):
+    """The server's peer: its SCTP reassembly is bounded by ``MAX_MESSAGE_BYTES``.
+
+    aiortc creates the SCTP transport while it applies the offer: the bound goes in right
+    after, before any data arrives and before the answer (which then advertises it) is made.
+    """
+
+    async def setRemoteDescription(self, sessionDescription: RTCSessionDescription) -> None:
+        await super().setRemoteDescription(sessionDescription)
+        if self.sctp is not None:
+            bound_inbound_messages(self.sctp, MAX_MESSAGE_BYTES, self._message_too_large)
+
+    def _message_too_large(self) -> None:
+        self.emit(MESSAGE_TOO_LARGE)
+
+
+def _continues(prev: DataChunk, chunk: DataChunk) -> bool:
+    """Whether ``chunk`` is the fragment right after ``prev`` in the same message."""
+    return (
+        chunk.tsn == tsn_plus_one(prev.tsn)
+        and not prev.flags & SCTP_DATA_LAST_FRAG
+        and not chunk.flags & SCTP_DATA_FIRST_FRAG
+    )
+
+
+class _InboundBudget:
+    """What all inbound streams of one SCTP association hold, and what happens past it."""
+
+    def __init__(self, max_message: int, on_overflow: Callable[[], None]) -> None:
+        self.max_message = max_message
+        self.on_overflow = on_overflow
+        self.streams: list[_BoundedInboundStream] = []
+        self.held_bytes = 0
+        self.held_fragments = 0
+        self.overflowed = False
+
+    def check(self, message_bytes: int, message_fragments: int) -> None:
+        """Overflow if one message (as far as it has come) or everything held is too much."""
+        if message_bytes > self.max_message or message_fragments > MAX_MESSAGE_FRAGMENTS:
+            what = f"a message past {self.max_message} bytes ({message_fragments} fragments)"
+        elif self.held_bytes > MAX_HELD_BYTES or self.held_fragments > MAX_HELD_FRAGMENTS:
+            what = f"{self.held_bytes} bytes in {self.held_fragments} unfinished fragments"
+        else:
+            return
+        log.warning("the peer sent %s on its data channels: its data is no longer read", what)
+        self.overflowed = True
+        for stream in self.streams:
+            stream.reassembly = []  # released now, not when the call is over
+        self.held_bytes = self.held_fragments = 0
+        self.on_overflow()
+
+
+class _BoundedInboundStream(InboundStream):
+    """aiortc's reassembly, measuring each message as its fragments arrive.
+
+    A message is measured by the run of its consecutive fragments held (the whole message
+    once it is complete): kept up to date in O(1) while fragments arrive in order, walked
+    again only around a fragment that arrives out of order.
+    """
+
+    def __init__(self, budget: _InboundBudget) -> None:
+        super().__init__()
+        self._budget = budget
+        self._counted = 0  # our fragments in ``budget.held_fragments``
+        self._tail = (0, 0)  # bytes and fragments of the run that ends ``reassembly``
+        budget.streams.append(self)
+
+    def _recount(self) -> None:
+        held = len(self.reassembly)
+        self._budget.held_fragments += held - self._counted
+        self._counted = held
+
+    def _run(self, pos: int) -> tuple[int, int]:
+        """Bytes and fragments of the run of one message's fragments through ``pos``."""
+        chunks = self.reassembly
+        lo = hi = pos
+        while lo > 0 and _continues(chunks[lo - 1], chunks[lo]):
+            lo -= 1
+        while hi + 1 < len(chunks) and _continues(chunks[hi], chunks[hi + 1]):
+            hi += 1
+        return sum(len(c.user_data) for c in chunks[lo : hi + 1]), hi - lo + 1
+
+    def _measure_tail(self) -> None:
+        self._tail = self._run(len(self.reassembly) - 1) if self.reassembly else (0, 0)
+
+    def add_chunk(self, chunk: DataChunk) -> None:
+        if self._budget.overflowed:
+            # Dropped unread; aiortc still takes it off the receive window it advertises,
+            # which soon reaches 0 and tells a well-behaved sender to stop.
+            return
+        last = self.reassembly[-1] if self.reassembly else None
+        super().add_chunk(chunk)
+        size = len(chunk.user_data)
+        self._budget.held_bytes += size
+        self._recount()
+        if self.reassembly[-1] is chunk:  # in order: the common case
+            if last is not None and _continues(last, chunk):
+                self._tail = (self._tail[0] + size, self._tail[1] + 1)
+            else:
+                self._tail = (size, 1)
+            message = self._tail
+        else:
+            pos = next(i for i, c in enumerate(self.reassembly) if c is chunk)
+            message = self._run(pos)
+            self._measure_tail()  # the gap it filled may join runs up to the tail
+        self._budget.check(*message)
+
+    def pop_messages(self) -> Iterator[tuple[int, int, bytes]]:
+        for message in super().pop_messages():
+            self._budget.held_bytes -= len(message[2])  # the fragments' payloads, joined
+            self._recount()
+            self._measure_tail()
+            yield message
+
+    def prune_chunks(self, tsn: int) -> int:
+        size = super().prune_chunks(tsn)
+        self._budget.held_bytes -= size
+        self._recount()
+        self._measure_tail()
+        return size
+
+
+def bound_inbound_messages(
+    sctp: RTCSctpTransport, max_message: int, on_overflow: Callable[[], None]
+) -> None:
+    """Refuse data-channel messages over ``max_message`` bytes while they are reassembled.
+
+    aiortc (1.16) reassembles every message whole, whatever its size, before it hands it to
+    the channel (``InboundStream.add_chunk``/``pop_messages``, called from
+    ``_receive_data_chunk`` for any stream id), and advertises 256 KiB: a peer that ignores
+    ``a=max-message-size`` made the server hold 4 MiB (any size) per message, on as many
+    streams as it liked. Here each stream the transport creates measures its messages as
+    fragments arrive, and all of them share the limits above. Past a limit everything held
+    is released, the peer's data is no longer read and ``on_overflow`` runs (the call ends:
+    a compliant peer never sends this, and dropping just one message while keeping the
+    stream's order would need a second reassembly). The SDP answer advertises
+    ``max_message``. Installed once per transport (a renegotiation keeps it).
+    """
+    if isinstance(getattr(sctp, "_voxtral_budget", None), _InboundBudget):
+        return
+    streams = getattr(sctp, "_inbound_streams", None)
+    if not isinstance(streams, dict) or not hasattr(sctp, "_get_inbound_stream"):
+        raise RuntimeError("aiortc changed: no inbound streams on the SCTP transport")
+    if streams:
+        raise RuntimeError("SCTP data arrived before its reassembly was bounded")
+    budget = _InboundBudget(max_message, on_overflow)
+
+    def get_inbound_stream(stream_id: int) -> InboundStream:
+        if stream_id not in streams:
+            streams[stream_id] = _BoundedInboundStream(budget)
+        stream: InboundStream = streams[stream_id]
+        return stream
+
+    def capabilities() -> RTCSctpCapabilities:
+        return RTCSctpCapabilities(maxMessageSize=max_message)
+
+    sctp._voxtral_budget = budget  # type: ignore[attr-defined]
+    sctp._get_inbound_stream = get_inbound_stream  # type: ignore[method-assign]
+    sctp.getCapabilities = capabilities  # type: ignore[method-assign]
 
 
 class ImmediateAudioJitterBuffer(JitterBuffer):

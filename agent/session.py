@@ -12,8 +12,9 @@ utterance is flushed to the engine first.
 
 Sending is bounded too: events wait for the data channel in a queue of ``limits.event_queue``
 (oldest dropped), and once the channel's send buffer holds more than
-``limits.channel_buffer_bytes`` (a client that does not read), deltas, interims and lag
-notices are dropped; ``completed``, ``failed`` and every other event are always sent.
+``limits.channel_buffer_bytes`` (a client that does not read), deltas, interims, lag
+notices and errors are dropped; ``completed``, ``failed`` and every other event are sent
+until they alone fill it to ``CHANNEL_BUFFER_HARD_FACTOR`` times that: then the call ends.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from agent.engines.worker import EngineWorker
 from agent.errors import EngineError, ProtocolError
 from agent.items import ENGINE_LAG, ItemPipeline
 from agent.observer import AudioLagMeter, CallObserver
-from agent.peer import close_peer
+from agent.peer import MAX_MESSAGE_BYTES, MESSAGE_TOO_LARGE, close_peer
 from agent.segmenter import SegmenterOptions
 from agent.vad import Vad
 
@@ -52,10 +53,15 @@ DRAIN_TIMEOUT_S = 30.0
 FLUSH_TIMEOUT_S = 1.0
 #: Longest ICE + DTLS set-up; ``audio.idle_timeout_s`` only counts once media can flow.
 CONNECT_TIMEOUT_S = 20.0
-#: Events dropped first when a client does not read its data channel.
+#: Events dropped first when a client does not read its data channel. ``error`` too: a
+#: client could otherwise have one queued for every bad message it sends.
 DROPPABLE = frozenset(
-    {f"{events.TRANSCRIPTION}.delta", f"{events.TRANSCRIPTION}.interim", ENGINE_LAG}
+    {f"{events.TRANSCRIPTION}.delta", f"{events.TRANSCRIPTION}.interim", ENGINE_LAG, "error"}
 )
+#: A client that does not read (send buffer past ``limits.channel_buffer_bytes``) may have
+#: events that are never dropped fill it up to this many times that limit; then the call
+#: ends (``client_not_reading``): no client can make the server hold memory without bound.
+CHANNEL_BUFFER_HARD_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,8 @@ class CallSession:
         self._channel: RTCDataChannel | None = None
         self._outbox: deque[str] = deque(maxlen=deps.config.limits.event_queue)
         self.dropped_events = 0
+        #: Bytes sent since the send buffer last was under ``limits.channel_buffer_bytes``.
+        self._unread_bytes = 0
         self._track: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._main: asyncio.Task[None] | None = None
@@ -185,6 +193,11 @@ class CallSession:
         count: int = self._items.utterances
         return count
 
+    @property
+    def heard_ms(self) -> int:
+        """Audio of this call run through the VAD so far, in ms of the call's audio."""
+        return self._detector.segmenter.clock_ms
+
     def describe(self) -> dict[str, Any]:
         """The ``session`` object of ``session.created`` / ``session.updated``."""
         o = self._options
@@ -231,6 +244,8 @@ class CallSession:
             while self._outbox:
                 channel.send(self._outbox.popleft())
 
+        pc.on(MESSAGE_TOO_LARGE, self._on_message_too_large)
+
         @pc.on("connectionstatechange")
         async def _on_state() -> None:
             if pc.connectionState in ("connected", "failed", "closed"):
@@ -250,14 +265,23 @@ class CallSession:
         text = json.dumps(event, ensure_ascii=False)
         channel = self._channel
         if channel is not None and channel.readyState == "open":
-            if (
-                channel.bufferedAmount > self._config.limits.channel_buffer_bytes
-                and event["type"] in DROPPABLE
-            ):
+            limit = self._config.limits.channel_buffer_bytes
+            if channel.bufferedAmount <= limit:
+                self._unread_bytes = 0  # the client reads (again)
+            elif event["type"] in DROPPABLE:
                 # The client is not reading: keep the buffer bounded, finals still go.
                 self.dropped_events += 1
                 self._observer.event_dropped("backpressure")
                 return
+            else:
+                # Counted from what we add rather than read from ``bufferedAmount``: the
+                # buffer is bounded by the limit plus this allowance whatever it reports.
+                self._unread_bytes += len(text.encode())
+                if self._unread_bytes > (CHANNEL_BUFFER_HARD_FACTOR - 1) * limit:
+                    self.dropped_events += 1
+                    self._observer.event_dropped("backpressure")
+                    self._end_not_reading(channel.bufferedAmount)
+                    return
             channel.send(text)
         elif channel is None:
             if len(self._outbox) == self._outbox.maxlen:
@@ -394,7 +418,29 @@ class CallSession:
             if self._on_closed is not None:
                 self._on_closed(self)
 
+    def _end_not_reading(self, buffered: int) -> None:
+        """End a call whose client does not read its data channel (once)."""
+        if self._ending or self._closing is not None:
+            return  # already on its way out
+        self._log.warning(
+            "call %s: the client does not read its data channel (%d bytes unsent): ending it",
+            self.id,
+            buffered,
+        )
+        self._closing = asyncio.ensure_future(self._close("client_not_reading", 0.0))
+
     # -- client events -----------------------------------------------------------------
+
+    def _on_message_too_large(self) -> None:
+        # The peer ignored the max-message-size of our answer (no browser does), and SCTP no
+        # longer reads its data: end the call, flushing the open utterance as on max_duration.
+        if self._ending or self._stop_requested:
+            return
+        self._observer.protocol_error("message_too_large")
+        message = f"data-channel messages are limited to {MAX_MESSAGE_BYTES} bytes: the call ends"
+        self._send(events.error("message_too_large", message))
+        self.end_reason = self.end_reason or "message_too_large"
+        self._stop_audio()
 
     def _on_message(self, raw: str | bytes) -> None:
         try:

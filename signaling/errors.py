@@ -7,12 +7,13 @@ same JSON shape.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+
+from agent import json_guard
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,10 @@ class ApiError(Exception):
 def json_object(raw: bytes) -> dict[str, Any]:
     """A request body that must be one JSON object; anything else is a 400."""
     try:
-        body = json.loads(raw)
+        # Depth-guarded: deep nesting made json.loads raise RecursionError, a 500.
+        body = json_guard.loads(raw)
+    except json_guard.JsonTooDeep as exc:
+        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "invalid_json", "request body is not valid JSON") from None
     if not isinstance(body, dict):

@@ -12,20 +12,26 @@ Three body shapes are accepted:
 - ``application/x-www-form-urlencoded`` with a ``file_url``.
 
 The body is read from the stream with this route's own cap (``limits.max_upload_bytes``),
-not the application's small ``client_max_size``, which keeps guarding ``/api/*``. A string
+not the application's small ``client_max_size``, which keeps guarding ``/api/*``, and at a
+minimum pace (``limits.upload_min_bytes_per_s`` after ``limits.upload_grace_s``): a client
+that stalls mid-body gets 408 instead of holding the connection and its memory. A client
+that hangs up mid-body is a client event (``upload_aborted``), not a server error. A string
 that names a server-side file is refused: the server reads no local path for a client.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import re
 import urllib.parse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, ClientPayloadError, web
 
 from agent.config import LimitsConfig
 from agent.transcript_formats import RESPONSE_FORMATS, ResponseFormat
@@ -60,38 +66,76 @@ class TranscriptionInput:
     url: str | None = None
 
 
+class _Pace:
+    """The deadline of a body read: ``grace_s + received / min_bytes_per_s`` after its
+    start, moved on as bytes arrive. One deadline for the whole body (multipart headers
+    included), so a client cannot keep a read alive by trickling a byte now and then."""
+
+    def __init__(self, timeout: asyncio.Timeout, limits: LimitsConfig) -> None:
+        self._timeout = timeout
+        self._rate = limits.upload_min_bytes_per_s
+        self._start = asyncio.get_running_loop().time()
+        self._grace = limits.upload_grace_s
+        self._received = 0
+        timeout.reschedule(self._start + self._grace)
+
+    def got(self, size: int) -> None:
+        self._received += size
+        self._timeout.reschedule(self._start + self._grace + self._received / self._rate)
+
+
+@asynccontextmanager
+async def _paced(limits: LimitsConfig) -> AsyncIterator[_Pace]:
+    try:
+        async with asyncio.timeout(None) as timeout:
+            yield _Pace(timeout, limits)
+    except TimeoutError:
+        raise ApiError(
+            408,
+            "upload_timeout",
+            f"the request body arrived slower than {limits.upload_min_bytes_per_s} bytes/s "
+            f"after the first {limits.upload_grace_s:g} s (limits.upload_min_bytes_per_s)",
+        ) from None
+    except (ClientPayloadError, ConnectionError, asyncio.IncompleteReadError):
+        # The client hung up mid-body: nobody reads the answer, but the metrics should say
+        # it was the client, not a server fault.
+        raise ApiError(400, "upload_aborted", "the client ended the upload early") from None
+
+
 async def read_transcription_request(
     request: web.Request, limits: LimitsConfig
 ) -> TranscriptionInput:
-    """Parse and validate the request; ``ApiError`` (400/413/415) on any problem."""
+    """Parse and validate the request; ``ApiError`` (400/408/413/415) on any problem."""
     # Base64 is 4/3 of the file; the other fields get a little room on top.
     cap = limits.max_upload_bytes * 4 // 3 + MAX_FIELD_BYTES
     if request.content_length is not None and request.content_length > cap:
         raise _too_large(limits)
     ctype = request.content_type
-    if ctype == "multipart/form-data":
-        fields, upload = await _read_multipart(request, limits)
-    elif ctype == "application/json":
-        fields, upload = _json_fields(await _read_capped(request, cap, limits)), None
-    elif ctype == "application/x-www-form-urlencoded":
-        raw = await _read_capped(request, MAX_FIELD_BYTES, limits)
-        fields, upload = _form_fields(raw), None
-    else:
-        raise ApiError(
-            415,
-            "unsupported_media_type",
-            "send multipart/form-data (a 'file' upload or 'file_url') or application/json "
-            f"(base64 'audio' or 'file_url'), not {ctype or 'no content type'}",
-        )
+    async with _paced(limits) as pace:
+        if ctype == "multipart/form-data":
+            fields, upload = await _read_multipart(request, limits, pace)
+        elif ctype == "application/json":
+            fields, upload = _json_fields(await _read_capped(request, cap, limits, pace)), None
+        elif ctype == "application/x-www-form-urlencoded":
+            raw = await _read_capped(request, MAX_FIELD_BYTES, limits, pace)
+            fields, upload = _form_fields(raw), None
+        else:
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                "send multipart/form-data (a 'file' upload or 'file_url') or application/json "
+                f"(base64 'audio' or 'file_url'), not {ctype or 'no content type'}",
+            )
     return _build(fields, upload, limits)
 
 
-async def _read_capped(request: web.Request, cap: int, limits: LimitsConfig) -> bytes:
+async def _read_capped(request: web.Request, cap: int, limits: LimitsConfig, pace: _Pace) -> bytes:
     """The whole body, answering 413 as soon as more than ``cap`` bytes arrived."""
     chunks: list[bytes] = []
     size = 0
     while chunk := await request.content.read(65_536):
         size += len(chunk)
+        pace.got(len(chunk))
         if size > cap:
             raise _too_large(limits)
         chunks.append(chunk)
@@ -99,7 +143,7 @@ async def _read_capped(request: web.Request, cap: int, limits: LimitsConfig) -> 
 
 
 async def _read_multipart(
-    request: web.Request, limits: LimitsConfig
+    request: web.Request, limits: LimitsConfig, pace: _Pace
 ) -> tuple[dict[str, Any], bytes | None]:
     try:
         reader = await request.multipart()
@@ -118,7 +162,7 @@ async def _read_multipart(
             raise ApiError(400, "invalid_multipart", "nested multipart bodies are not accepted")
         name = part.name or ""
         if name == "file":
-            data = await _read_part(part, limits.max_upload_bytes, _too_large(limits))
+            data = await _read_part(part, limits.max_upload_bytes, _too_large(limits), pace)
             if part.filename is None and _is_text(part):
                 # A text field, not an upload (``curl -F file=/path``): base64 or a path.
                 fields["file"] = data.decode("utf-8", "replace")
@@ -126,7 +170,7 @@ async def _read_multipart(
                 upload = data
             continue
         too_long = ApiError(400, "invalid_value", f"field {name!r} is over {MAX_FIELD_BYTES} bytes")
-        value = (await _read_part(part, MAX_FIELD_BYTES, too_long)).decode("utf-8", "replace")
+        value = (await _read_part(part, MAX_FIELD_BYTES, too_long, pace)).decode("utf-8", "replace")
         if name in ("timestamp_granularities[]", "timestamp_granularities", "include[]"):
             fields.setdefault(name.removesuffix("[]"), []).append(value)
         else:
@@ -136,12 +180,13 @@ async def _read_multipart(
     return fields, upload
 
 
-async def _read_part(part: BodyPartReader, cap: int, overflow: ApiError) -> bytes:
+async def _read_part(part: BodyPartReader, cap: int, overflow: ApiError, pace: _Pace) -> bytes:
     """The part's bytes, raising ``overflow`` as soon as more than ``cap`` arrived."""
     chunks: list[bytes] = []
     size = 0
     while chunk := await part.read_chunk(65_536):
         size += len(chunk)
+        pace.got(len(chunk))
         if size > cap:
             raise overflow
         chunks.append(chunk)

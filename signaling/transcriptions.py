@@ -1,8 +1,9 @@
 """``POST /v1/audio/transcriptions``: OpenAI / Mistral-compatible file transcription.
 
 The request is read (``signaling.transcription_request``), the audio fetched if it is a URL
-(``signaling.url_fetch``), decoded and resampled in a thread (``agent.audio_file``), cut and
-transcribed through the shared engine worker (``agent.file_transcriber``) and rendered
+(``signaling.url_fetch``), decoded and resampled in a memory-limited child process
+(``agent.decoder_process`` running ``agent.audio_file``), cut and transcribed through the
+shared engine worker (``agent.file_transcriber``) and rendered
 (``agent.transcript_formats``). With ``stream=true`` the texts go out as server-sent events
 (``transcript.text.delta`` per piece, then ``transcript.text.done``) as soon as each piece
 and all before it are done.
@@ -15,11 +16,9 @@ Every failure before the first byte of the answer is a JSON error: 400 for unusa
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
-import threading
 from collections.abc import AsyncGenerator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,8 +26,9 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.audio_file import DecodedAudio, decode_audio
+from agent.audio_file import DecodedAudio
 from agent.config import Config
+from agent.decoder_process import DecodeLimits, DecoderPool
 from agent.errors import AudioInputError, EngineError
 from agent.file_transcriber import FileTranscriber, Plan, Segment, TranscribeOptions, stitch
 from agent.transcript_formats import needs_timestamps, render, usage
@@ -42,42 +42,70 @@ log = logging.getLogger(__name__)
 PATH = "/v1/audio/transcriptions"
 #: Input error codes that are the size limits (413); every other one is a 400.
 _TOO_LARGE = frozenset({"file_too_large", "audio_too_long"})
+#: Uploads read at once per job slot: reads are paced (``limits.upload_min_bytes_per_s``),
+#: so a few spare ones let clients queue their bytes while the jobs run.
+READS_PER_JOB = 4
 
 
 @dataclass(eq=False)
 class FileJobs:
-    """The route's own resources: a slot count and the threads that decode and run the VAD.
+    """The route's own resources: read and job slot counts, the decoder processes, and the
+    threads that run the VAD over decoded files.
 
-    Its own executor, so decoding a long file never delays the live calls' VAD work on
+    Its own executor, so the VAD over a long file never delays the live calls' VAD work on
     ``ServerState.executor``.
     """
 
     config: Config
     running: int = 0
+    #: Request bodies being read. Bodies are read before a job slot is taken (a slow
+    #: upload must not hold a slot), so this bounds the memory they hold instead.
+    reading: int = 0
     executor: ThreadPoolExecutor = field(init=False)
+    #: Uploads are decoded in separate, memory-limited processes (started lazily).
+    decoder: DecoderPool = field(init=False)
 
     def __post_init__(self) -> None:
         self.executor = ThreadPoolExecutor(
             max_workers=self.config.limits.max_file_jobs, thread_name_prefix="file-job"
         )
+        limits = self.config.limits
+        self.decoder = DecoderPool(DecodeLimits(limits.max_audio_s, limits.decode_timeout_s))
+
+    @property
+    def max_reading(self) -> int:
+        return READS_PER_JOB * self.config.limits.max_file_jobs
+
+    @contextlib.contextmanager
+    def read_slot(self) -> Iterator[None]:
+        """Hold one of the ``max_reading`` body reads, or answer 503 at once."""
+        if self.reading >= self.max_reading:
+            raise _busy(f"the server reads its maximum of {self.max_reading} uploads at once")
+        self.reading += 1
+        try:
+            yield
+        finally:
+            self.reading -= 1
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
         """Hold one of the ``limits.max_file_jobs`` slots, or answer 503 at once."""
         if self.running >= self.config.limits.max_file_jobs:
-            raise ApiError(
-                503,
-                "too_many_jobs",
+            raise _busy(
                 f"the server runs its maximum of {self.config.limits.max_file_jobs} file "
-                "transcriptions; retry shortly",
-                type_="server_error",
-                headers={"Retry-After": "5"},
+                "transcriptions"
             )
         self.running += 1
         try:
             yield
         finally:
             self.running -= 1
+
+
+def _busy(why: str) -> ApiError:
+    return ApiError(
+        503, "too_many_jobs", f"{why}; retry shortly", "server_error", {"Retry-After": "5"}
+    )
 
 
 FILE_JOBS: web.AppKey[FileJobs] = web.AppKey("file_jobs", FileJobs)
@@ -91,6 +119,7 @@ def setup_transcription_routes(app: web.Application) -> None:
 
 
 async def _close(app: web.Application) -> None:
+    await app[FILE_JOBS].decoder.close()
     app[FILE_JOBS].executor.shutdown(wait=True, cancel_futures=True)
 
 
@@ -98,18 +127,20 @@ async def transcriptions(request: web.Request) -> web.StreamResponse:
     """``POST /v1/audio/transcriptions``: one file in, its transcript in the asked format."""
     state = _ready_state(request)
     jobs = request.app[FILE_JOBS]
-    with jobs.slot():
+    # The body first, then a slot: a client that stalls mid-upload holds a read (paced, so
+    # not for long), never one of the few transcription slots.
+    with jobs.read_slot():
         job = await read_transcription_request(request, state.config.limits)
-        cancel = threading.Event()
+    # A client that leaves cancels this handler (handler_cancellation): the decoder child
+    # is killed and the pieces not yet decoded are withdrawn from the engine queue.
+    with jobs.slot():
         try:
-            return await _transcribe(request, state, jobs, job, cancel)
+            return await _transcribe(request, state, jobs, job)
         except AudioInputError as exc:
             status = 413 if exc.code in _TOO_LARGE else 400
             raise ApiError(status, exc.code, str(exc)) from None
         except EngineError as exc:
             raise _engine_error(exc) from None
-        finally:
-            cancel.set()  # a decode still running for a vanished client stops early
 
 
 async def _transcribe(
@@ -117,7 +148,6 @@ async def _transcribe(
     state: ServerState,
     jobs: FileJobs,
     job: TranscriptionInput,
-    cancel: threading.Event,
 ) -> web.StreamResponse:
     config = state.config
     assert state.worker is not None and state.vad is not None
@@ -125,10 +155,8 @@ async def _transcribe(
     if data is None:
         assert job.url is not None
         data = await fetch_url(job.url, FetchOptions.from_limits(config.limits))
-    loop = asyncio.get_running_loop()
-    decoded: DecodedAudio = await loop.run_in_executor(
-        jobs.executor, lambda: decode_audio(data, config.limits.max_audio_s, cancel=cancel)
-    )
+    # Anyone's bytes: decoded in a process of its own (agent.decoder_process), never here.
+    decoded: DecodedAudio = await jobs.decoder.decode(data)
     transcriber = FileTranscriber.from_config(state.worker, state.vad, config, jobs.executor)
     params = job.params
     options = TranscribeOptions(

@@ -149,14 +149,31 @@ def _check_literal_host(url: URL, allow_private: bool) -> None:
     _check_ip(ip, host, allow_private)
 
 
-def _check_ip(
-    ip: ipaddress.IPv4Address | ipaddress.IPv6Address, host: str, allow_private: bool
-) -> None:
-    if allow_private:
-        return
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    refused = (
+#: Ranges Python's ``is_global`` lets through but that reach no public host: the IETF
+#: protocol assignments block (``is_private`` covers only parts of it) and IPv6 site-local.
+_NOT_PUBLIC = (
+    ipaddress.ip_network("192.0.0.0/24"),
+    ipaddress.ip_network("fec0::/10"),
+)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _embedded_ipv4(ip: IPAddress) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries (mapped, 6to4, Teredo): a relay or the
+    host's own stack delivers the packet there, so they are what must be checked."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    found = [a for a in (ip.ipv4_mapped, ip.sixtofour) if a is not None]
+    if ip.teredo is not None:
+        found.extend(ip.teredo)
+    return found
+
+
+def _is_public(ip: IPAddress) -> bool:
+    if any(ip in net for net in _NOT_PUBLIC if net.version == ip.version):
+        return False
+    return not (
         ip.is_private
         or ip.is_loopback
         or ip.is_link_local
@@ -165,10 +182,16 @@ def _check_ip(
         or ip.is_unspecified
         or not ip.is_global
     )
-    if refused:
-        shown = host if host == str(ip) else f"{host} ({ip})"
+
+
+def _check_ip(ip: IPAddress, host: str, allow_private: bool) -> None:
+    if allow_private:
+        return
+    if not _is_public(ip) or not all(_is_public(v4) for v4 in _embedded_ipv4(ip)):
+        # The message names the host as the client wrote it, never what it resolved to:
+        # echoing resolved addresses would map the server's internal network for them.
         raise AudioInputError(
-            f"file_url: {shown} is a private, loopback or link-local address, which this "
+            f"file_url: {host} is a private, loopback or link-local address, which this "
             "server does not fetch (limits.allow_private_urls is false)",
             "url_not_allowed",
         )

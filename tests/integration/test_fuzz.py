@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from aiortc import RTCPeerConnection
 from aiortc.sdp import candidate_from_sdp
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from agent import events
@@ -36,6 +36,7 @@ from signaling.client import ArrayAudioTrack, RealtimeClient
 from tests.audio_files import wav_bytes
 from tests.conftest import make_config
 from tests.integration.test_robustness import Echo
+from tests.unit.test_audio_file import AIFF_1HZ, WAV_BOMBS
 
 T = TypeVar("T")
 FUZZ = settings(
@@ -46,6 +47,21 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 ERROR_STATUSES = {400, 401, 403, 404, 405, 413, 415, 429, 503}
+
+# The hostile-input probe's findings, kept in the corpus so no change brings them back.
+#: 200 KB of nested arrays: a RecursionError in json.loads, once a 500 or a dead call.
+DEEP_JSON = b"[" * 200_000
+#: Nested just under the 64 KiB data-channel message limit.
+DEEP_MESSAGE = "[" * 60_000
+#: Files FFmpeg would open as a playlist of server files or as an RTP session on
+#: 127.0.0.1 (port 9, discard: nothing is sent there since the server refuses both).
+HOSTILE_FILES = [
+    b"ffconcat version 1.0\nfile tests/data/beckett.wav\n",
+    b"ffconcat version 1.0\nfile /etc/hostname\n",
+    b"v=0\no=- 0 0 IN IP4 127.0.0.1\ns=-\nc=IN IP4 127.0.0.1\nt=0 0\nm=audio 9 RTP/AVP 0\n",
+    *WAV_BOMBS.values(),
+    AIFF_1HZ,
+]
 
 
 @dataclass
@@ -211,6 +227,8 @@ def test_fuzz_post_offer(harness: Harness) -> None:
 
     @FUZZ
     @given(body=offer_bodies(harness.offer_sdp))
+    @example(body=DEEP_JSON)
+    @example(body=b'{"type": "offer", "sdp": ' + DEEP_JSON + b"}")
     def check(body: Any) -> None:
         status, answer = harness.run(harness.request("POST", "/api/offer", **_body(body)))
         seen.append(status)
@@ -253,6 +271,8 @@ def test_fuzz_patch_offer(harness: Harness) -> None:
 
     @FUZZ
     @given(body=bodies())
+    @example(body=DEEP_JSON)
+    @example(body={"pc_id": "not-a-call", "candidates": [{"candidate": "x"}] * 64})
     def check(body: Any) -> None:
         status, answer = harness.run(harness.request("PATCH", "/api/offer", **_body(body)))
         assert status == 204 or status in ERROR_STATUSES, (status, answer)
@@ -310,6 +330,8 @@ MESSAGE = st.one_of(
 
 @FUZZ
 @given(raw=MESSAGE | st.integers(65_000, 70_000).map(lambda n: '{"type": "' + "a" * n))
+@example(raw=DEEP_JSON)
+@example(raw=DEEP_MESSAGE)
 def test_fuzz_client_event_parser(raw: str | bytes) -> None:
     try:
         parsed = events.parse_client_event(raw)
@@ -347,6 +369,8 @@ def test_fuzz_live_data_channel(harness: Harness) -> None:
 
     @settings(FUZZ, max_examples=60)
     @given(messages=st.lists(MESSAGE, min_size=1, max_size=5))
+    @example(messages=[DEEP_MESSAGE])
+    @example(messages=['{"type": "' + "x" * 60_000 + '"}'] * 4)  # echoed back, truncated
     def check(messages: list[str | bytes]) -> None:
         harness.run(exchange(messages))
 
@@ -382,6 +406,7 @@ AUDIO_BYTES = st.one_of(
     st.tuples(st.binary(max_size=64), st.integers(0, 40)).map(
         lambda t: wav_bytes(np.zeros(800, np.float32))[: t[1]] + t[0]
     ),
+    st.sampled_from(HOSTILE_FILES),
 )
 
 
@@ -425,9 +450,19 @@ def test_fuzz_file_transcription(harness: Harness) -> None:
 
     @settings(FUZZ, max_examples=100)
     @given(kwargs=transcription_requests())
+    @example(kwargs={"data": DEEP_JSON, "headers": {"Content-Type": "application/json"}})
     def check(kwargs: dict[str, Any]) -> None:
         status, answer = harness.run(harness.request("POST", path, **kwargs), timeout=60)
         assert status == 200 or status in ERROR_STATUSES, (status, answer)
         assert harness.run(harness.healthy())
 
+    for hostile in HOSTILE_FILES:  # each one surely tried, not only when drawn
+        check = example(kwargs={"data": _upload(hostile)})(check)
     check()
+
+
+def _upload(data: bytes) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    form.add_field("model", "whisper-1")
+    form.add_field("file", data, filename="a.wav", content_type="audio/wav")
+    return form

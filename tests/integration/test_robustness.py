@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
@@ -96,15 +96,6 @@ async def wait_for(predicate: Any, timeout: float, step: float = 0.05) -> None:
         if time.perf_counter() > deadline:
             raise TimeoutError(f"condition not met within {timeout} s")
         await asyncio.sleep(step)
-
-
-@pytest.fixture
-async def echo_server() -> AsyncIterator[RunningServer]:
-    server = await start_server(make_config(VAD__KIND="energy"), engine=Echo())
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 # -- admission ------------------------------------------------------------------------------

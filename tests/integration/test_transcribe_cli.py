@@ -87,7 +87,7 @@ def test_url_is_fetched(http_dir: str, capsys: pytest.CaptureFixture[str]) -> No
 
 @pytest.mark.parametrize(
     ("source", "message"),
-    [("/no/such/file.wav", "no such file"), (__file__, "cannot decode")],
+    [("/no/such/file.wav", "no such file"), (__file__, "not a supported audio file")],
 )
 def test_bad_input_fails_before_loading_the_engine(
     source: str, message: str, capsys: pytest.CaptureFixture[str]

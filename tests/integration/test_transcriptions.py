@@ -307,7 +307,12 @@ async def test_two_minute_file_has_monotonic_times_and_every_word(
 @pytest.mark.parametrize(
     ("kwargs", "status", "code", "words"),
     [
-        ({"data": form(b"not audio at all" * 64)}, 400, "invalid_audio", "cannot decode"),
+        (
+            {"data": form(b"not audio at all" * 64)},
+            400,
+            "invalid_audio",
+            "not a supported audio file",
+        ),
         ({"data": form(b"")}, 400, "empty_audio", "empty"),
         ({"data": form(wav_bytes(np.zeros(0, np.float32)))}, 400, "empty_audio", "no audio"),
         (

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from agent import events
+from agent import events, json_guard
 from agent.errors import ProtocolError
 
 
@@ -124,3 +124,78 @@ def test_malformed_client_messages(raw: str, code: str) -> None:
     with pytest.raises(ProtocolError) as err:
         events.parse_client_event(raw)
     assert err.value.code == code
+
+
+# -- hostile input: deep nesting and long echoes --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "[" * 60_000,
+        ("[" * 60_000).encode(),
+        '{"a": ' * 10_000,
+        '{"type": "session.update", "session": ' + "[" * 65 + "]" * 65 + "}",
+        ("[" * 2_000).encode("utf-16"),
+    ],
+)
+def test_deeply_nested_messages_are_invalid_json_not_a_crash(raw: str | bytes) -> None:
+    with pytest.raises(ProtocolError) as err:
+        events.parse_client_event(raw)
+    assert err.value.code == "invalid_json"
+    assert "nested deeper than 64" in str(err.value)
+
+
+def test_nesting_up_to_the_limit_and_brackets_in_strings_are_fine() -> None:
+    deep_ok = "[" * 63 + "]" * 63
+    raw = json.dumps({"type": "input_audio_buffer.clear", "event_id": "[{" * 500, "x": None})
+    assert isinstance(events.parse_client_event(raw.replace("null", deep_ok)), events.Clear)
+    escaped = r'{"type": "input_audio_buffer.commit", "event_id": "\"[[[[\\"}'
+    assert events.parse_client_event(escaped) == events.Commit('"[[[[\\')
+
+
+@pytest.mark.parametrize(
+    ("text", "too_deep"),
+    [
+        ("[" * 64 + "]" * 64, False),
+        ("[" * 65 + "]" * 65, True),
+        ('{"a": ' * 64 + "1" + "}" * 64, False),
+        ('{"a": ' * 65 + "1" + "}" * 65, True),
+        ("[" + '"[",' * 500 + "1]", False),
+        ('["\\\\", ' + "[" * 70 + "]" * 70 + "]", True),  # an escaped backslash ends no string
+        ("[" + "[]," * 10_000 + "{}]", False),
+    ],
+)
+def test_json_guard_measures_nesting_outside_strings(text: str, too_deep: bool) -> None:
+    if too_deep:
+        with pytest.raises(json_guard.JsonTooDeep):
+            json_guard.loads(text)
+        with pytest.raises(ValueError):  # callers that catch ValueError stay correct
+            json_guard.loads(text.encode("utf-16"))
+    else:
+        assert json_guard.loads(text) == json.loads(text)
+        assert json_guard.loads(text.encode("utf-32")) == json.loads(text)
+
+
+def test_error_events_echo_a_short_prefix_of_client_input() -> None:
+    long = "y" * 60_000
+    with pytest.raises(ProtocolError) as err:
+        events.parse_client_event(json.dumps({"type": long}))
+    message = str(err.value)
+    assert message.startswith("unsupported event type 'yyy") and message.endswith("…")
+    assert len(message) <= len("unsupported event type ") + events.ECHO_MAX_CHARS
+    session = {"turn_detection": {"type": {"k": long}}}
+    with pytest.raises(ProtocolError) as err:
+        events.parse_client_event(json.dumps({"type": "session.update", "session": session}))
+    assert len(str(err.value)) < 2 * events.ECHO_MAX_CHARS
+    e = events.error("input_audio_buffer_commit_empty", "x" * 10_000, event_id=long, n=5)
+    assert len(e["error"]["message"]) == events.ERROR_MESSAGE_MAX_CHARS
+    assert e["error"]["event_id"] == "y" * (events.ECHO_MAX_CHARS - 1) + "…"
+    assert e["error"]["n"] == 5
+    short = events.error("invalid_value", "fine", event_id="evt_1")
+    assert short["error"] == {
+        "type": "invalid_request_error",
+        "code": "invalid_value",
+        "message": "fine",
+        "event_id": "evt_1",
+    }

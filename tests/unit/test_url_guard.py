@@ -25,6 +25,11 @@ DEFAULT = FetchOptions.from_limits(LimitsConfig())
         "http://[::ffff:127.0.0.1]/a.wav",
         "http://[fe80::1]/a.wav",
         "http://localhost:9/a.wav",  # a name: refused after resolving
+        "http://[2002:c0a8:101::1]/a.wav",  # 6to4 carrying 192.168.1.1
+        "http://[2002:7f00:1::1]/a.wav",  # 6to4 carrying 127.0.0.1
+        "http://[2001:0:4136:e378:8000:63bf:f5ff:fffe]/a.wav",  # Teredo to 10.0.0.1
+        "http://[fec0::1]/a.wav",  # IPv6 site-local
+        "http://192.0.0.9/a.wav",  # IETF protocol assignments, not a public host
     ],
 )
 async def test_private_addresses_are_refused(url: str) -> None:
@@ -32,6 +37,16 @@ async def test_private_addresses_are_refused(url: str) -> None:
         await fetch_url(url, DEFAULT)
     assert info.value.code == "url_not_allowed"
     assert "limits.allow_private_urls" in str(info.value)
+
+
+async def test_refusal_does_not_echo_the_resolved_address() -> None:
+    """A name is refused by what it resolves to, but the answer names only the host: the
+    addresses of the server's own network are not the client's business."""
+    with pytest.raises(AudioInputError) as info:
+        await fetch_url("http://localhost:9/a.wav", DEFAULT)
+    message = str(info.value)
+    assert "localhost" in message
+    assert "127.0.0.1" not in message and "::1" not in message
 
 
 @pytest.mark.parametrize(
