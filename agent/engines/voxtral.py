@@ -50,6 +50,7 @@ from agent.engines.voxtral_load import (
     DEFAULT_MODEL,
     check_transformers,
     compile_step,
+    cudagraph_thread_state,
     load_model,
     pick_device,
     static_cache,
@@ -194,7 +195,13 @@ class VoxtralEngine(Engine):
         return self._thread.submit(fn, *args, **kwargs).result()
 
     def _remember_thread(self) -> None:
+        # The pool starts its thread at the first call, after __init__ set `compiled`.
         self._thread_ident = threading.get_ident()
+        if self.compiled and self._device.type == "cuda":
+            try:
+                cudagraph_thread_state()
+            except Exception:  # an initializer that raises breaks the pool: log it instead
+                log.exception("could not set up CUDA-graph state on the engine's thread")
 
     # -- on the engine's thread ----------------------------------------------------------
 

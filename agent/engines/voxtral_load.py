@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -98,6 +100,11 @@ def load_model(model_id: str, device: torch.device) -> tuple[Any, Any]:
             dtype=dtype,
             attn_implementation="sdpa",
             device_map=str(device) if direct else None,
+            # With the `kernels` package installed (transformers 5.25 requires it) and the
+            # weights placed on a GPU, transformers swaps layers for Hugging Face Hub kernels
+            # by default: code fetched from the hub at start-up, and a load failure offline
+            # (HF_HUB_OFFLINE=1). The engine runs PyTorch's own layers, compiled.
+            use_kernels=False,
         )
         if device.type == "cuda" and not direct:
             model = model.to(device)
@@ -146,3 +153,26 @@ def compile_step(step: Callable[_P, _R], mode: str, graphs: int) -> Callable[_P,
     setattr(dynamo, name, max(getattr(dynamo, name), 2 * graphs + 4))
     compiled: Callable[_P, _R] = torch.compile(step, mode=mode, dynamic=False)
     return compiled
+
+
+def cudagraph_thread_state() -> None:
+    """Set up the calling thread's CUDA-graph state, which torch < 2.13 leaves out.
+
+    ``torch.compile(mode="reduce-overhead")`` keeps its CUDA-graph trees in thread-local
+    state. Before 2.13, PyTorch creates that state only on the thread that first imports
+    ``torch._inductor.cudagraph_trees`` (and on autograd's own threads). On any other thread,
+    the first replay fails with a bare ``AssertionError`` in ``cudagraph_trees.get_obj``
+    (pytorch/pytorch#123177; 2.13 creates the state lazily per thread). With torch 2.11 on
+    an H200, that failed the warm-up of a second engine in one process. Here the engine's
+    thread creates its own state, as 2.13 would. Nothing changes where the state exists.
+    """
+    from torch._inductor import cudagraph_trees
+
+    local = getattr(cudagraph_trees, "local", None)
+    if local is None or hasattr(local, "tree_manager_containers"):
+        return
+    # Python-level state only, as torch 2.13 reads it first. (torch also copies it into its
+    # C++ thread-local state for autograd's threads; inference needs none, and an object
+    # left there was seen to abort the interpreter at exit once its thread had ended.)
+    local.tree_manager_containers = {}
+    local.tree_manager_locks = defaultdict(threading.Lock)

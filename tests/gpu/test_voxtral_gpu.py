@@ -59,6 +59,9 @@ def test_bf16_sdpa_flash_and_compiled(gpu_engine: VoxtralEngine) -> None:
     assert next(model.parameters()).device.type == "cuda"
     assert next(model.parameters()).dtype == torch.bfloat16
     assert model.config._attn_implementation == "sdpa"
+    # PyTorch's own layers: no Hugging Face Hub kernels swapped in at load (which would fetch
+    # code at start-up, and fails offline, when the weights are loaded straight onto the GPU).
+    assert not getattr(model, "use_kernels", False)
     assert torch.backends.cuda.flash_sdp_enabled()
     assert gpu_engine.compiled
 
