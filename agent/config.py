@@ -222,6 +222,12 @@ class LimitsConfig:
     max_call_s: float = 3600.0
     #: Data-channel send buffer beyond which deltas and interims are dropped (finals never).
     channel_buffer_bytes: int = 262_144
+    #: What a session's inbound queue may hold (audio and messages not yet handled): a
+    #: media track then waits; a WebSocket client pushing audio faster than it can be
+    #: handled gets an ``error`` and is closed. 4 MiB is about 60 s of 24 kHz pcm16 in base64.
+    input_buffer_bytes: int = 4_194_304
+    #: Largest ``/v1/realtime`` WebSocket message (an append of about 8 s of 24 kHz pcm16).
+    ws_max_message_bytes: int = 1_048_576
     #: Largest audio file accepted for file transcription (upload, base64 or URL), in bytes.
     max_upload_bytes: int = 104_857_600
     #: Longest decoded audio accepted for file transcription, in seconds (16 kHz mono
@@ -263,6 +269,10 @@ class LimitsConfig:
             "must be 0 (no limit) or >= 1",
         )
         _check(self.channel_buffer_bytes >= 1024, "limits.channel_buffer_bytes", "must be >= 1024")
+        _check(self.input_buffer_bytes >= 65_536, "limits.input_buffer_bytes", "must be >= 65536")
+        _check(
+            self.ws_max_message_bytes >= 65_536, "limits.ws_max_message_bytes", "must be >= 65536"
+        )
         _check(self.max_upload_bytes >= 1024, "limits.max_upload_bytes", "must be >= 1024")
         _check(self.max_audio_s >= 1, "limits.max_audio_s", "must be >= 1")
         _check(self.max_file_jobs >= 1, "limits.max_file_jobs", "must be >= 1")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent import json_guard
+from agent.audio_formats import BY_NAME, InputFormat
 from agent.errors import ProtocolError
 
 Event = dict[str, Any]
@@ -35,6 +36,11 @@ def session_created(session: dict[str, Any]) -> Event:
 
 def session_updated(session: dict[str, Any]) -> Event:
     return _event("session.updated", session=session)
+
+
+def transcription_session_updated(session: dict[str, Any]) -> Event:
+    """The beta answer to ``transcription_session.update``."""
+    return _event("transcription_session.updated", session=session)
 
 
 def speech_started(item_id: str, audio_start_ms: int) -> Event:
@@ -72,6 +78,7 @@ def transcription_completed(
     timings: dict[str, float],
     language: str | None = None,
     speculative: bool = False,
+    audio_s: float | None = None,
 ) -> Event:
     event = _event(
         f"{TRANSCRIPTION}.completed",
@@ -80,6 +87,9 @@ def transcription_completed(
         transcript=transcript,
         timings={k: round(v, 1) for k, v in timings.items()},
     )
+    if audio_s is not None:
+        # As OpenAI bills whisper-style models: the seconds of audio transcribed.
+        event["usage"] = {"type": "duration", "seconds": round(audio_s, 3)}
     if language:
         event["language"] = language
     if speculative:
@@ -138,6 +148,10 @@ class TurnDetection:
 @dataclass(frozen=True)
 class SessionUpdate:
     event_id: str | None
+    #: Sent as the beta ``transcription_session.update`` (answered in kind).
+    beta: bool = False
+    #: ``audio.input.format`` / ``input_audio_format``; ``None`` = unchanged.
+    input_format: InputFormat | None = None
     #: ``None`` = not mentioned; ``""`` = back to the default / detection.
     language: str | None = None
     prompt: str | None = None
@@ -158,15 +172,28 @@ class Clear:
     event_id: str | None
 
 
-ClientEvent = SessionUpdate | Commit | Clear
+@dataclass(frozen=True)
+class Append:
+    """``input_audio_buffer.append``: base64 audio in the session's input format."""
+
+    event_id: str | None
+    audio: str
+
+
+ClientEvent = SessionUpdate | Commit | Clear | Append
+
+#: ``semantic_vad`` eagerness -> the silence that ends a turn on our VAD (ms). OpenAI's
+#: semantic detector waits longer when unsure; ours waits a fixed time, so "low" (let the
+#: speaker finish) waits longest and "high" (answer quickly) shortest.
+SEMANTIC_SILENCE_MS = {"low": 1200, "medium": 700, "auto": 700, "high": 350}
 
 MAX_CLIENT_MESSAGE = 65_536
 
 
-def parse_client_event(raw: str | bytes) -> ClientEvent:
-    """Parse one data-channel message. Raises ``ProtocolError`` with an OpenAI-style code."""
-    if len(raw) > MAX_CLIENT_MESSAGE:
-        raise ProtocolError("message larger than 64 KiB", code="message_too_large")
+def parse_client_event(raw: str | bytes, max_bytes: int = MAX_CLIENT_MESSAGE) -> ClientEvent:
+    """Parse one client message. Raises ``ProtocolError`` with an OpenAI-style code."""
+    if len(raw) > max_bytes:
+        raise ProtocolError(f"message larger than {max_bytes} bytes", code="message_too_large")
     try:
         # Depth-guarded: deep nesting made json.loads raise RecursionError, which escaped
         # the channel's message handler and killed the call's DTLS loop.
@@ -181,26 +208,34 @@ def parse_client_event(raw: str | bytes) -> ClientEvent:
     event_id = msg.get("event_id")
     if event_id is not None and not isinstance(event_id, str):
         raise ProtocolError("event_id must be a string", code="invalid_value")
+    if type_ == "input_audio_buffer.append":
+        audio = msg.get("audio")
+        if not isinstance(audio, str):
+            raise ProtocolError("append needs a base64 string 'audio'", code="invalid_value")
+        return Append(event_id, audio)
     if type_ == "input_audio_buffer.commit":
         return Commit(event_id)
     if type_ == "input_audio_buffer.clear":
         return Clear(event_id)
     if type_ in ("session.update", "transcription_session.update"):
-        return _parse_session_update(msg, event_id)
+        return _parse_session_update(msg, event_id, beta=type_ != "session.update")
     if not isinstance(type_, str):
         raise ProtocolError("missing string field 'type'", code="missing_required_parameter")
     raise ProtocolError(f"unsupported event type {echo(type_)}", code="unknown_event_type")
 
 
-def _parse_session_update(msg: dict[str, Any], event_id: str | None) -> SessionUpdate:
+def _parse_session_update(msg: dict[str, Any], event_id: str | None, beta: bool) -> SessionUpdate:
+    """Both shapes: GA (``session.audio.input.{format, transcription, turn_detection}``) and
+    beta (``session.input_audio_format``, ``input_audio_transcription``, ``turn_detection``).
+    Fields we do not use (``noise_reduction``, ``include``, ``type``...) are ignored."""
     session = msg.get("session")
     if not isinstance(session, dict):
         raise ProtocolError("session.update needs an object 'session'", code="invalid_value")
-    # Both the transcription-session shape and the newer nested audio.input shape are met
-    # in the wild; accept either.
-    audio_input = (
-        session.get("audio", {}).get("input", {}) if isinstance(session.get("audio"), dict) else {}
-    )
+    audio = session.get("audio")
+    audio_input = audio.get("input") if isinstance(audio, dict) else None
+    if not isinstance(audio_input, dict):
+        audio_input = {}
+    input_format = _parse_format(session.get("input_audio_format", audio_input.get("format")))
     transcription = session.get("input_audio_transcription", audio_input.get("transcription"))
     language = prompt = None
     if transcription is not None:
@@ -209,32 +244,61 @@ def _parse_session_update(msg: dict[str, Any], event_id: str | None) -> SessionU
         language = _opt_str(transcription, "language", max_len=16)
         prompt = _opt_str(transcription, "prompt", max_len=2000)
         if language and not language.replace("-", "").isalpha():
-            raise ProtocolError(f"language {language!r} is not a language code", "invalid_value")
+            raise ProtocolError(
+                f"language {echo(language)} is not a language code", "invalid_value"
+            )
     include_interim = session.get("include_interim")
     if include_interim is not None and not isinstance(include_interim, bool):
         raise ProtocolError("include_interim must be true or false", "invalid_value")
     key_present = "turn_detection" in session or "turn_detection" in audio_input
     td_raw = session.get("turn_detection", audio_input.get("turn_detection"))
-    if key_present and td_raw is None:
-        return SessionUpdate(
-            event_id, language, prompt, turn_detection_off=True, include_interim=include_interim
-        )
     turn = None
     if td_raw is not None:
         if not isinstance(td_raw, dict):
             raise ProtocolError("turn_detection must be an object or null", "invalid_value")
-        kind = td_raw.get("type", "server_vad")
-        if kind != "server_vad":
-            raise ProtocolError(
-                f"turn_detection type {echo(kind)} is not supported", "invalid_value"
-            )
-        turn = TurnDetection(
-            threshold=_opt_number(td_raw, "threshold", 0.01, 0.99),
-            prefix_padding_ms=_opt_int(td_raw, "prefix_padding_ms", 0, 5000),
-            silence_duration_ms=_opt_int(td_raw, "silence_duration_ms", 32, 10_000),
-        )
+        turn = _parse_turn_detection(td_raw)
     return SessionUpdate(
-        event_id, language, prompt, turn_detection=turn, include_interim=include_interim
+        event_id,
+        beta=beta,
+        input_format=input_format,
+        language=language,
+        prompt=prompt,
+        turn_detection_off=key_present and td_raw is None,
+        turn_detection=turn,
+        include_interim=include_interim,
+    )
+
+
+def _parse_format(raw: Any) -> InputFormat | None:
+    if raw is None:
+        return None
+    name = raw.get("type") if isinstance(raw, dict) else raw
+    fmt = BY_NAME.get(name) if isinstance(name, str) else None
+    if fmt is None:
+        raise ProtocolError(
+            f"audio format {echo(name)} is not supported (audio/pcm at 24000 Hz, audio/pcmu, "
+            "audio/pcma; beta: pcm16, g711_ulaw, g711_alaw)",
+            "invalid_value",
+        )
+    rate = raw.get("rate") if isinstance(raw, dict) else None
+    if rate is not None and rate != fmt.rate:
+        raise ProtocolError(f"{name} is only accepted at {fmt.rate} Hz", "invalid_value")
+    return fmt
+
+
+def _parse_turn_detection(td_raw: dict[str, Any]) -> TurnDetection:
+    kind = td_raw.get("type", "server_vad")
+    if kind == "semantic_vad":
+        eagerness = td_raw.get("eagerness", "auto")
+        if eagerness not in SEMANTIC_SILENCE_MS:
+            raise ProtocolError(f"eagerness {echo(eagerness)} is not supported", "invalid_value")
+        return TurnDetection(silence_duration_ms=SEMANTIC_SILENCE_MS[eagerness])
+    if kind != "server_vad":
+        raise ProtocolError(f"turn_detection type {echo(kind)} is not supported", "invalid_value")
+    return TurnDetection(
+        threshold=_opt_number(td_raw, "threshold", 0.01, 0.99),
+        prefix_padding_ms=_opt_int(td_raw, "prefix_padding_ms", 0, 5000),
+        silence_duration_ms=_opt_int(td_raw, "silence_duration_ms", 32, 10_000),
     )
 
 

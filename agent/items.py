@@ -19,6 +19,11 @@ Takes the detector's events for one call and turns them into engine requests and
 - A final still unanswered ``LAG_NOTICE_S`` after its commit while the engine's backlog is
   that long gets one extension event ``voxtral.engine_lag`` ``{item_id, lag_ms,
   queue_depth}``: the engine is behind real time, the transcript will be late.
+- Items speak in turn: an item's transcription events (deltas, interims,
+  ``completed``/``failed``) wait until every earlier item has its ``completed`` or
+  ``failed`` out, so a client keeping one running string (LiveKit's plugin) never sees the
+  next item's words before the last one's final. Audio events (speech started/stopped,
+  ``committed``) and lag notices are never held.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +69,10 @@ class _Item:
     finalising: bool = False
     stopped_at: float | None = None
     decided_ms: int | None = None
+    #: Transcription events waiting for earlier items to finish.
+    held: list[events.Event] = field(default_factory=list)
+    #: Its ``completed`` or ``failed`` is out (or held), or it was cleared.
+    done: bool = False
 
 
 class ItemPipeline:
@@ -80,6 +90,8 @@ class ItemPipeline:
         self._observer = observer or CallObserver()
         self._call_id = call_id
         self._open: dict[int, _Item] = {}
+        #: Items not finished yet, oldest first; only the first one's events go out now.
+        self._turns: deque[_Item] = deque()
         self._last_item_id: str | None = None
         self.language: str | None = None
         self.prompt: str | None = None
@@ -95,7 +107,7 @@ class ItemPipeline:
     def handle(self, found: Sequence[DetectorEvent]) -> None:
         for ev in found:
             if isinstance(ev, SpeechStarted):
-                item = self._open.setdefault(ev.index, _Item(events.new_id("item")))
+                item = self._open.get(ev.index) or self._new_item(ev.index)
                 self._send(events.speech_started(item.item_id, ev.start_ms))
             elif isinstance(ev, InterimDue):
                 self._interim(ev)
@@ -118,6 +130,44 @@ class ItemPipeline:
             for task in (item.interim, item.withdrawn):
                 if task is not None:
                     task.cancel()
+            self._finished(item, abandoned=True)
+
+    # -- one item's events at a time ---------------------------------------------------
+
+    def _new_item(self, index: int | None = None) -> _Item:
+        item = _Item(events.new_id("item"))
+        if index is not None:
+            self._open[index] = item
+        self._turns.append(item)
+        return item
+
+    def _emit(self, item: _Item, event: events.Event) -> None:
+        """Send a transcription event now if ``item`` has the turn, else hold it."""
+        if self._turns and self._turns[0] is item:
+            self._send(event)
+        else:
+            item.held.append(event)
+
+    def _finished(self, item: _Item, abandoned: bool = False) -> None:
+        """``item`` has said its last (or was abandoned by a clear): once it is first, the
+        next items have their turn, in order, each sending what it held meanwhile."""
+        item.done = True
+        if item not in self._turns:
+            return
+        if abandoned:
+            item.held.clear()
+        elif self._turns[0] is not item:
+            return  # its events, ``completed`` included, wait for the items before it
+        was_first = self._turns[0] is item
+        self._turns.remove(item)
+        while was_first and self._turns:
+            head = self._turns[0]
+            held, head.held = head.held, []
+            for event in held:
+                self._send(event)
+            if not head.done:
+                break  # the new first item still speaks: its next events go out directly
+            self._turns.popleft()
 
     def _request(self, audio: Any) -> EngineRequest:
         return EngineRequest(audio, language=self.language, prompt=self.prompt)
@@ -142,9 +192,9 @@ class ItemPipeline:
             return  # the final already owns this item's text
         delta = item.agreement.update(result.text)
         if delta:
-            self._send(events.transcription_delta(item.item_id, delta))
+            self._emit(item, events.transcription_delta(item.item_id, delta))
         if self.include_interim:
-            self._send(events.transcription_interim(item.item_id, result.text))
+            self._emit(item, events.transcription_interim(item.item_id, result.text))
 
     # -- speculative final --------------------------------------------------------------
 
@@ -196,7 +246,7 @@ class ItemPipeline:
     # -- final --------------------------------------------------------------------------
 
     def _commit(self, utt: Utterance) -> None:
-        item = self._open.pop(utt.index, None) or _Item(events.new_id("item"))
+        item = self._open.pop(utt.index, None) or self._new_item()
         item.finalising = True
         self._send(events.committed(item.item_id, self._last_item_id))
         self._last_item_id = item.item_id
@@ -216,7 +266,8 @@ class ItemPipeline:
         timings["decode_after_ms"] = float(
             (item.speculation_ms if speculative else decided_ms) - utt.end_ms
         )
-        self._spawn(self._complete(item, final, timings, decided_at, speculative))
+        audio_s = len(utt.audio) / 16_000
+        self._spawn(self._complete(item, final, timings, decided_at, speculative, audio_s))
 
     async def _complete(
         self,
@@ -225,10 +276,26 @@ class ItemPipeline:
         timings: dict[str, float],
         decided_at: float,
         speculative: bool,
+        audio_s: float,
+    ) -> None:
+        try:
+            await self._final(item, final, timings, decided_at, speculative, audio_s)
+        finally:
+            self._finished(item)
+
+    async def _final(
+        self,
+        item: _Item,
+        final: asyncio.Task[Transcription],
+        timings: dict[str, float],
+        decided_at: float,
+        speculative: bool,
+        audio_s: float,
     ) -> None:
         done, _ = await asyncio.wait({final}, timeout=LAG_NOTICE_S)
         lag_ms = self._worker.lag_ms()
         if not done and lag_ms >= LAG_NOTICE_S * 1000:
+            # Not held behind earlier items: it says the engine is late, not what was said.
             self._send(engine_lag(item.item_id, lag_ms, self._worker.queue_depth))
         try:
             result = await final
@@ -241,11 +308,11 @@ class ItemPipeline:
                 extra={"call_id": self._call_id, "item_id": item.item_id},
             )
             self._observer.transcription_failed(exc.code)
-            self._send(events.transcription_failed(item.item_id, exc.code, str(exc)))
+            self._emit(item, events.transcription_failed(item.item_id, exc.code, str(exc)))
             return
         tail = item.agreement.finish(result.text) if self.deltas else ""
         if tail:
-            self._send(events.transcription_delta(item.item_id, tail))
+            self._emit(item, events.transcription_delta(item.item_id, tail))
         timings.update(
             queue_ms=result.queue_ms,
             engine_ms=result.engine_ms,
@@ -253,10 +320,15 @@ class ItemPipeline:
             server_ms=(time.perf_counter() - decided_at) * 1000,
         )
         completed = events.transcription_completed(
-            item.item_id, result.text, timings, result.language, speculative=speculative
+            item.item_id,
+            result.text,
+            timings,
+            result.language,
+            speculative=speculative,
+            audio_s=audio_s,
         )
         completed["lag_ms"] = round(self._worker.lag_ms(), 1)
-        self._send(completed)
+        self._emit(item, completed)
         self._observer.final_completed((timings["vad_ms"] + timings["server_ms"]) / 1000)
 
 

@@ -1,4 +1,4 @@
-"""Application factory and the server's shared state: engine worker, VAD, calls.
+"""Application factory: the HTTP app, its listener, and the server's life.
 
 Start-up order: the HTTP listener comes up at once (``/healthz`` answers, ``/readyz`` says
 "loading"), then the engine is loaded and warmed up on its worker thread; only then is the
@@ -11,186 +11,24 @@ utterances over their still-open data channels.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from agent.config import Config
 from agent.engines.base import Engine
-from agent.engines.worker import EngineWorker
-from agent.errors import EngineLoadError
 from agent.peer import restrict_host_addresses
-from agent.session import CallSession, SessionDeps
-from agent.vad import Vad, create_vad
-from signaling.errors import ERROR_CODE, ApiError, Handler, error_middleware
-from signaling.metrics import ServerMetrics
-from signaling.ratelimit import TokenBucketLimiter
+from signaling.errors import ERROR_CODE, Handler, error_middleware
+from signaling.routes import setup_routes
 from signaling.security import Security
+from signaling.state import STATE, ServerState
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)
-class CallRecord:
-    """What the server keeps per ``pc_id`` beside its session: who may touch the call, the
-    lock that serialises its offers and trickles, and the ICE session candidates must name."""
-
-    #: SHA-256 of the bearer token that created the call (never the token itself), or of the
-    #: client address when the server has no tokens.
-    owner: bytes
-    #: Held across a whole offer (renegotiation, restart) or trickle for this ``pc_id``: two
-    #: restarts at once would each build a peer, and all but the last would run unowned.
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    #: ``(mid, ice-ufrag)`` of each media section of the current remote description.
-    media: tuple[tuple[str, str], ...] = ()
-    #: ICE candidates accepted over the call's life, in its offers and trickled
-    #: (``limits.candidates_per_call``).
-    candidates: int = 0
-
-
-@dataclass(eq=False)
-class ServerState:
-    """Everything the routes share. Lives in the app, never in module globals."""
-
-    config: Config
-    status: Literal["loading", "ready", "failed", "stopping"] = "loading"
-    error: str | None = None
-    worker: EngineWorker | None = None
-    vad: Vad | None = None
-    executor: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="vad")
-    )
-    calls: dict[str, CallSession] = field(default_factory=dict)
-    #: One per ``pc_id`` in ``calls``; a restart hands its record on to the new peer.
-    records: dict[str, CallRecord] = field(default_factory=dict)
-    #: Call slots held by offers still being answered (they count against ``max_calls``).
-    reserved: int = 0
-    #: The background engine load, when the server listens before it is ready.
-    load_task: asyncio.Task[None] | None = None
-    #: HTTP requests being answered; the shutdown lets them finish within its grace.
-    inflight: int = 0
-    metrics: ServerMetrics = field(init=False)
-    #: ``limits.offers_per_minute_per_ip``; ``None`` when 0 (no limit).
-    offer_limiter: TokenBucketLimiter | None = field(init=False)
-    #: ``limits.patches_per_minute_per_ip``; ``None`` when 0 (no limit).
-    patch_limiter: TokenBucketLimiter | None = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.metrics = ServerMetrics(lambda: len(self.calls), lambda: self.worker)
-        per_minute = self.config.limits.offers_per_minute_per_ip
-        self.offer_limiter = TokenBucketLimiter(per_minute) if per_minute else None
-        per_minute = self.config.limits.patches_per_minute_per_ip
-        self.patch_limiter = TokenBucketLimiter(per_minute) if per_minute else None
-
-    async def load(self, engine: Engine | None = None) -> None:
-        """Load the VAD and the engine (or use ``engine``), warm up, become ready."""
-        try:
-            loop = asyncio.get_running_loop()
-            self.vad = await loop.run_in_executor(self.executor, create_vad, self.config.vad)
-            self.worker = await EngineWorker.start(self.config.engine, engine)
-            self.worker.on_batch = self.metrics.observe_batch
-        except EngineLoadError as exc:
-            self.status, self.error = "failed", str(exc)
-            raise
-        except Exception as exc:
-            self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
-            raise EngineLoadError(self.error) from exc
-        self.status = "ready"
-        log.info("engine %s ready", self.worker.engine.name)
-
-    def require_ready(self) -> None:
-        """Raise the 503 a request gets while the server loads, stops, or has failed."""
-        if self.status == "stopping":
-            raise ApiError(
-                503,
-                "shutting_down",
-                "the server is shutting down and takes no new work",
-                type_="server_error",
-                headers={"Retry-After": "5"},
-            )
-        if self.status != "ready" or self.worker is None or self.vad is None:
-            raise ApiError(
-                503,
-                "not_ready",
-                f"server is {self.status}" + (f": {self.error}" if self.error else ""),
-                type_="server_error",
-                headers={"Retry-After": "5"},
-            )
-
-    def deps(self) -> SessionDeps:
-        assert self.worker is not None and self.vad is not None
-        return SessionDeps(self.config, self.worker, self.vad, self.executor, self.metrics)
-
-    @contextlib.contextmanager
-    def call_slot(self, new: bool = True) -> Iterator[None]:
-        """Hold a call slot while an offer is answered, so that offers in flight count against
-        ``limits.max_calls`` too; ``new=False`` for a restart, whose peer takes its old one's
-        slot. Released however the offer ends (answered, refused, or cancelled)."""
-        limit = self.config.limits.max_calls
-        if new and len(self.calls) + self.reserved >= limit:
-            raise ApiError(
-                503,
-                "too_many_calls",
-                f"the server holds its maximum of {limit} calls",
-                type_="server_error",
-                headers={"Retry-After": "10"},
-            )
-        self.reserved += 1
-        try:
-            yield
-        finally:
-            self.reserved -= 1
-
-    def add_call(self, pc_id: str, session: CallSession, record: CallRecord) -> None:
-        self.calls[pc_id] = session
-        self.records[pc_id] = record
-
-    def forget(self, session: CallSession) -> None:
-        for pc_id, known in list(self.calls.items()):
-            if known is session:
-                del self.calls[pc_id]
-                self.records.pop(pc_id, None)
-
-    async def drain(self, grace_s: float) -> None:
-        """Graceful stop (SIGTERM): refuse new calls, give the open ones ``grace_s`` to
-        finish their utterances (their ``completed`` still reaches the client) before they
-        are closed, and let HTTP requests in flight finish within the same grace."""
-        self.status = "stopping"
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace_s
-        sessions = list(self.calls.values())
-        log.info("draining: %d call(s), up to %.1f s", len(sessions), grace_s)
-        if sessions:
-            await asyncio.gather(*(s.close("server_shutdown", grace_s) for s in sessions))
-        while self.inflight and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-
-    async def close(self) -> None:
-        self.status = "stopping"
-        if self.load_task is not None:
-            self.load_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.load_task
-        sessions = list(self.calls.values())
-        if sessions:
-            await asyncio.gather(*(s.close("server_shutdown") for s in sessions))
-        if self.worker is not None:
-            await self.worker.close()
-        self.executor.shutdown(wait=True)
-
-
-STATE: web.AppKey[ServerState] = web.AppKey("state", ServerState)
-
-
 def create_app(config: Config) -> web.Application:
-    from signaling.routes import setup_routes
-
     restrict_host_addresses(config.webrtc.host_addresses)
     security = Security(config.server)
     app = web.Application(

@@ -17,11 +17,12 @@ from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from agent.config import Config, WebRTCConfig
 from agent.peer import ice_servers_for_browser, new_peer_connection, set_audio_jitter_prefetch
-from agent.session import CallSession
-from signaling.app import STATE, CallRecord, ServerState
+from agent.transports.webrtc import WebRtcCall
 from signaling.errors import ApiError, json_object
 from signaling.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from signaling.ratelimit import TokenBucketLimiter
+from signaling.realtime import setup_realtime_routes
+from signaling.state import STATE, CallRecord, ServerState
 from signaling.transcriptions import setup_transcription_routes
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ def setup_routes(app: web.Application, config: Config) -> None:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     setup_transcription_routes(app)
+    setup_realtime_routes(app)
     web_path = config.server.web_path
     if web_path.is_dir():
         # Only the page's own files, by exact name: no directory walking, and /api/* paths
@@ -103,7 +105,7 @@ def _record(state: ServerState, pc_id: str, owner: bytes) -> CallRecord:
     return record
 
 
-def _session(state: ServerState, pc_id: str, record: CallRecord) -> CallSession:
+def _session(state: ServerState, pc_id: str, record: CallRecord) -> WebRtcCall:
     """The call's session once its lock is held: it may have ended (or been replaced by a
     failed restart) while this request waited."""
     session = state.calls.get(pc_id)
@@ -167,7 +169,7 @@ async def _start_call(
     call: the session's id). Every peer made here ends up registered or closed."""
     deps = state.deps()  # before the peer exists: nothing may fail between it and the try
     pc = new_peer_connection(state.config.webrtc)
-    session = CallSession(pc, deps, on_closed=state.forget)
+    session = WebRtcCall(pc, deps, on_closed=state.forget)
     try:
         answer = await _answer(pc, description, state.config.webrtc)
         # Shutdown began meanwhile: it closed the calls it knew and would never see this one.

@@ -5,6 +5,8 @@
   ``WWW-Authenticate: Bearer``. Tokens are compared in constant time (SHA-256 digests, every
   token checked). The page, its files, ``/healthz`` and ``/readyz`` stay open: they hold no
   secret, and orchestrators probe them without credentials.
+- WebSockets (``/v1/realtime``): browsers cannot set headers on them, so the token may also
+  come as the subprotocol ``openai-insecure-api-key.<token>``, as OpenAI accepts it.
 - ``server.cors_origins``: pages served from these origins may call ``/api/*`` and ``/v1/*``
   (``*`` = any origin). Only a listed origin gets ``Access-Control-Allow-Origin``; a
   preflight (``OPTIONS``) from any other origin gets ``403``. Empty = same origin only.
@@ -27,6 +29,8 @@ CORS_PREFIXES = ("/api/", "/v1/")
 ALLOW_METHODS = "GET, POST, PATCH, OPTIONS"
 ALLOW_HEADERS = "Authorization, Content-Type"
 PREFLIGHT_MAX_AGE_S = "600"
+#: The subprotocol prefix that carries a token on a browser's WebSocket.
+API_KEY_PROTOCOL = "openai-insecure-api-key."
 
 
 def _digest(token: str) -> bytes:
@@ -75,7 +79,7 @@ class Security:
             if request.method == "OPTIONS" and path.startswith(CORS_PREFIXES):
                 return self._preflight(request)
             if self.auth_required and path.startswith(AUTH_PREFIXES):
-                header = request.headers.get("Authorization")
+                header = request.headers.get("Authorization") or _protocol_token(request)
                 if not self.token_ok(header):
                     challenge = 'Bearer realm="voxtral-rtc"'
                     if header:
@@ -118,3 +122,15 @@ class Security:
             response.headers["Access-Control-Expose-Headers"] = "Retry-After"
         if self._origins:
             response.headers.add("Vary", "Origin")
+
+
+def _protocol_token(request: web.Request) -> str | None:
+    """``Bearer <token>`` from a WebSocket upgrade's ``openai-insecure-api-key.<token>``
+    subprotocol, if it has one."""
+    if request.headers.get("Upgrade", "").lower() != "websocket":
+        return None
+    for protocol in request.headers.get("Sec-WebSocket-Protocol", "").split(","):
+        protocol = protocol.strip()
+        if protocol.startswith(API_KEY_PROTOCOL):
+            return "Bearer " + protocol[len(API_KEY_PROTOCOL) :]
+    return None

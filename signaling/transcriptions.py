@@ -32,8 +32,8 @@ from agent.decoder_process import DecodeLimits, DecoderPool
 from agent.errors import AudioInputError, EngineError
 from agent.file_transcriber import FileTranscriber, Plan, Segment, TranscribeOptions, stitch
 from agent.transcript_formats import needs_timestamps, render, usage
-from signaling.app import STATE, ServerState
 from signaling.errors import ApiError
+from signaling.state import STATE, ServerState
 from signaling.transcription_request import TranscriptionInput, read_transcription_request
 from signaling.url_fetch import FetchOptions, fetch_url
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from agent.session import CallSession
+from agent.session import TranscriptionSession
+from agent.transports.webrtc import WebRtcCall
 from signaling.app import start_server
 from signaling.client import ArrayAudioTrack, RealtimeClient
 from tests.conftest import make_config
@@ -141,7 +142,7 @@ async def test_churn_leaves_nothing_behind(beckett_audio: npt.NDArray[np.float32
         # Every vanished peer (killed or abrupt) was released by the idle timeout.
         assert ended.get("idle_timeout", 0) >= killed + abrupt >= CALLS // 3
         assert tasks_after <= tasks_before, (tasks_before, tasks_after)
-        assert not [o for o in gc.get_objects() if type(o) is CallSession]
+        assert not [o for o in gc.get_objects() if type(o) in (WebRtcCall, TranscriptionSession)]
         assert rss_after - rss_before < RSS_GROWTH_BOUND_MB
         assert rss_after - rss_half[0] < RSS_SECOND_HALF_BOUND_MB
     finally:

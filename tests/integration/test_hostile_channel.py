@@ -28,7 +28,8 @@ from agent.peer import (
     MAX_MESSAGE_FRAGMENTS,
     bound_inbound_messages,
 )
-from agent.session import CHANNEL_BUFFER_HARD_FACTOR, CallSession
+from agent.session import CHANNEL_BUFFER_HARD_FACTOR
+from agent.transports.webrtc import WebRtcCall
 from signaling.app import RunningServer, start_server
 from signaling.client import ArrayAudioTrack, RealtimeClient
 from tests.conftest import make_config
@@ -41,9 +42,9 @@ DEEP_HTTP = b"[" * 200_000
 DEEP_CHANNEL = "[" * 60_000
 
 
-def session_of(server: RunningServer, client: RealtimeClient) -> CallSession:
+def session_of(server: RunningServer, client: RealtimeClient) -> WebRtcCall:
     assert client.pc_id is not None
-    session: CallSession = server.state.calls[client.pc_id]
+    session: WebRtcCall = server.state.calls[client.pc_id]
     return session
 
 

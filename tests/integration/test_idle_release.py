@@ -34,7 +34,7 @@ async def test_killed_client_is_released_and_its_speech_flushed(embedded_engine:
         assert session.utterances == 1  # the open phrase was flushed, not dropped
         assert server.state.worker is not None and server.state.worker.completed >= 1
         # No task of the session is left running.
-        assert all(t.done() for t in session._tasks)
+        assert all(t.done() for t in session.session._tasks)
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -281,7 +281,7 @@ async def test_closed_data_channel_ends_the_call(echo_server: RunningServer) -> 
         assert session.end_reason == "data_channel_closed"
         assert session.utterances == 1  # the open utterance was still flushed to the engine
         assert not echo_server.state.calls
-        assert all(t.done() for t in session._tasks)
+        assert all(t.done() for t in session.session._tasks)
 
 
 # -- engine faults and lag ------------------------------------------------------------------
@@ -351,13 +351,14 @@ async def test_engine_behind_real_time_sends_engine_lag(
 # -- sending under backpressure ------------------------------------------------------------
 
 
-class StalledChannel:
-    """The server's channel, but reporting a full send buffer (a client that never reads)."""
-
-    bufferedAmount = 10**9
+class StalledSink:
+    """The session's sink, but reporting a full send buffer (a client that never reads)."""
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
+
+    def buffered_amount(self) -> int:
+        return 10**9
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -374,8 +375,8 @@ async def test_full_send_buffer_drops_deltas_never_finals(
             client.send({"type": "session.update", "session": {"include_interim": True}})
             await client.next_event("session.updated", timeout=5)
             session = server.state.calls[client.pc_id]
-            await wait_for(lambda: session._channel is not None, 5)
-            session._channel = StalledChannel(session._channel)
+            await wait_for(lambda: session.session._sink is not None, 5)
+            session.session._sink = StalledSink(session.session._sink)
             await client.next_event(COMPLETED, timeout=10)
             await client.next_event(COMPLETED, timeout=10)
             assert not client.of_type(DELTA) and not client.of_type(INTERIM)

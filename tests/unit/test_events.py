@@ -109,7 +109,8 @@ def test_parse_commit_clear_update() -> None:
             "invalid_value",
         ),
         (
-            '{"type": "session.update", "session": {"turn_detection": {"type": "semantic_vad"}}}',
+            '{"type": "session.update", "session": {"turn_detection": '
+            '{"type": "semantic_vad", "eagerness": "eager"}}}',
             "invalid_value",
         ),
         (
@@ -117,6 +118,14 @@ def test_parse_commit_clear_update() -> None:
             "invalid_value",
         ),
         ('{"type": "input_audio_buffer.commit", "event_id": 7}', "invalid_value"),
+        ('{"type": "input_audio_buffer.append"}', "invalid_value"),
+        ('{"type": "input_audio_buffer.append", "audio": 5}', "invalid_value"),
+        ('{"type": "session.update", "session": {"input_audio_format": "opus"}}', "invalid_value"),
+        (
+            '{"type": "session.update", "session": {"audio": {"input": '
+            '{"format": {"type": "audio/pcm", "rate": 16000}}}}}',
+            "invalid_value",
+        ),
         ("x" * 70_000, "message_too_large"),
     ],
 )
@@ -199,3 +208,55 @@ def test_error_events_echo_a_short_prefix_of_client_input() -> None:
         "message": "fine",
         "event_id": "evt_1",
     }
+
+
+def test_ga_and_beta_session_updates() -> None:
+    from agent.audio_formats import PCM16_24K, PCMA, PCMU
+
+    ga = events.parse_client_event(
+        json.dumps(
+            {
+                "type": "session.update",
+                "session": {
+                    "type": "transcription",
+                    "audio": {
+                        "input": {
+                            "format": {"type": "audio/pcmu"},
+                            "transcription": {"model": "m", "language": "fr", "prompt": "p"},
+                            "turn_detection": {"type": "semantic_vad", "eagerness": "high"},
+                            "noise_reduction": {"type": "far_field"},
+                        }
+                    },
+                    "include": ["item.input_audio_transcription.logprobs"],
+                    "unknown": {"ignored": True},
+                },
+            }
+        )
+    )
+    assert isinstance(ga, events.SessionUpdate) and not ga.beta
+    assert (ga.input_format, ga.language, ga.prompt) == (PCMU, "fr", "p")
+    assert ga.turn_detection == events.TurnDetection(silence_duration_ms=350)
+    beta = events.parse_client_event(
+        json.dumps(
+            {
+                "type": "transcription_session.update",
+                "session": {"input_audio_format": "g711_alaw", "turn_detection": None},
+            }
+        )
+    )
+    assert isinstance(beta, events.SessionUpdate) and beta.beta
+    assert beta.input_format == PCMA and beta.turn_detection_off
+    pcm = events.parse_client_event(
+        '{"type": "session.update", "session": {"audio": {"input": '
+        '{"format": {"type": "audio/pcm", "rate": 24000}}}}}'
+    )
+    assert isinstance(pcm, events.SessionUpdate) and pcm.input_format == PCM16_24K
+    append = events.parse_client_event('{"type": "input_audio_buffer.append", "audio": "AAA="}')
+    assert append == events.Append(None, "AAA=")
+
+
+def test_a_larger_limit_for_websocket_messages() -> None:
+    raw = json.dumps({"type": "input_audio_buffer.append", "audio": "A" * 100_000})
+    with pytest.raises(ProtocolError):
+        events.parse_client_event(raw)
+    assert isinstance(events.parse_client_event(raw, max_bytes=1 << 20), events.Append)

@@ -1,0 +1,5 @@
+"""Transports: each carries ``agent.session.TranscriptionSession``s to and from clients.
+
+``webrtc``: an aiortc peer (Opus track in, ``oai-events`` data channel both ways).
+``websocket``: an OpenAI Realtime WebSocket (``/v1/realtime``: base64 audio and events).
+"""
