@@ -42,7 +42,9 @@ class ServerMetrics(CallObserver):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.calls_started = Counter(
-            "voxtral_rtc_calls_started", "Calls accepted (POST /api/offer).", registry=r
+            "voxtral_rtc_calls_started",
+            "Calls and sessions accepted (POST /api/offer, /v1/realtime).",
+            registry=r,
         )
         self.calls_ended = Counter(
             "voxtral_rtc_calls_ended", "Calls ended, by reason.", ["reason"], registry=r

@@ -13,6 +13,7 @@ session itself is ``agent.transports.websocket.RealtimeSocket``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from urllib.parse import urlsplit
 
@@ -61,13 +62,17 @@ async def realtime(request: web.Request) -> web.StreamResponse:
         await ws.prepare(request)
         socket = RealtimeSocket(ws, state.deps(), on_closed=state.forget_socket)
         state.add_socket(socket)
+    state.metrics.calls_started.inc()
     log.info(
         "session %s: WebSocket from %s",
         socket.id,
         request.remote,
         extra={"call_id": socket.id},
     )
-    await socket.run()
+    # Shielded: a client that vanishes cancels this handler (handler_cancellation), but its
+    # session still flushes the open utterance and drains; the socket owns the task and
+    # the server state closes it at shutdown.
+    await asyncio.shield(asyncio.ensure_future(socket.run()))
     return ws
 
 

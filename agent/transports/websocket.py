@@ -112,7 +112,11 @@ class RealtimeSocket:
         return self.session.end_reason
 
     async def run(self) -> None:
-        """Carry the session until it ends; returns once everything is released."""
+        """Carry the session until it ends; returns once everything is released.
+
+        Run it as a task of its own (``close()`` may cancel it): the route shields it, so a
+        client that vanishes cancels the HTTP handler but not this, and its open utterance
+        is still flushed and drained."""
         self._runner = asyncio.current_task()
         session = self.session
         sink = WebSocketSink(self.ws)
@@ -126,13 +130,6 @@ class RealtimeSocket:
             await sink.flush(FLUSH_TIMEOUT_S)
             if not self.ws.closed:
                 await self.ws.close(code=self._close_code)
-        except asyncio.CancelledError:
-            # The client vanished (handler cancelled) or the server gave up on the grace:
-            # the open utterance still goes to the engine, within the drain's bound.
-            session.end("client_gone")
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(asyncio.shield(session.wait_done()), 1.0)
-            raise
         finally:
             await sink.close()
             await session.close()
@@ -190,7 +187,9 @@ class RealtimeSocket:
                     # aiohttp has already closed with 1009 for an oversize message.
                     too_big = "too big" in str(msg.data).lower() or self.ws.close_code == 1009
                     return "message_too_large" if too_big else "client_error"
-                else:  # CLOSE, CLOSING, CLOSED
+                elif msg.type == WSMsgType.CLOSE:
                     return "client_closed"
+                else:  # CLOSING, CLOSED: the connection ended without a close frame
+                    return "client_gone"
         finally:
             stop.cancel()

@@ -476,3 +476,27 @@ async def test_candidates_in_the_offer_count_against_the_same_cap(
         await pc.close()
         for transport in transports:
             transport.close()
+
+
+async def test_a_burst_of_offers_cannot_pass_max_calls(peers: list[RTCPeerConnection]) -> None:
+    """Each offer reserves its call slot before its first await: eight at once against a
+    limit of three give three calls and five 503s, never more calls than the limit."""
+    config = make_config(VAD__KIND="energy", LIMITS__MAX_CALLS="3")
+    server = await start_server(config, engine=Echo())
+    clients = [await fresh_offer() for _ in range(8)]
+    try:
+        async with aiohttp.ClientSession() as http:
+            answers = await asyncio.gather(
+                *(
+                    request(http, "POST", server.url, {"sdp": sdp, "type": "offer"})
+                    for _, sdp in clients
+                )
+            )
+        statuses = sorted(status for status, _ in answers)
+        assert statuses == [200] * 3 + [503] * 5, answers
+        assert {a["error"]["code"] for s, a in answers if s == 503} == {"too_many_calls"}
+        assert len(server.state.calls) == 3 and len(peers) == 3
+    finally:
+        for pc, _ in clients:
+            await pc.close()
+        await server.stop()

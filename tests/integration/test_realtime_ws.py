@@ -21,9 +21,10 @@ import pytest
 
 from agent.engines.base import Engine, EngineRequest, EngineResult
 from signaling.app import RunningServer, start_server
+from signaling.client import ArrayAudioTrack, RealtimeClient
 from tests.conftest import BECKETT_PHRASES, make_config, normalise
 from tests.engine_gate import CountingEngine
-from tests.integration.test_robustness import Echo, wait_for
+from tests.integration.test_robustness import Echo, scrape, wait_for
 
 COMPLETED = "conversation.item.input_audio_transcription.completed"
 DELTA = "conversation.item.input_audio_transcription.delta"
@@ -469,6 +470,48 @@ async def test_sessions_count_against_max_calls() -> None:
         await wait_for(lambda: not server.state.sockets, 5)
     finally:
         await server.stop()
+
+
+async def test_sockets_and_webrtc_calls_share_max_calls() -> None:
+    config = make_config(VAD__KIND="energy", SERVER__AUTH_TOKENS=TOKEN, LIMITS__MAX_CALLS="2")
+    server = await start_server(config, engine=Echo())
+    try:
+        async with aiohttp.ClientSession() as http:
+            sock = await open_socket(http, server)
+            async with RealtimeClient(server.url, token=TOKEN) as client:
+                await client.connect(ArrayAudioTrack(np.zeros(16000 * 5, np.float32)))
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await open_socket(http, server)
+                assert refused.value.status == 503
+                assert server.state.live_sessions == 2
+            await sock.close()
+        await wait_for(lambda: server.state.live_sessions == 0, 10)
+    finally:
+        await server.stop()
+
+
+async def test_metrics_count_socket_sessions(echo_ws_server: RunningServer) -> None:
+    async with aiohttp.ClientSession() as http:
+        sock = await open_socket(http, echo_ws_server)
+        await sock.wait("session.created")
+        await sock.ws.send_str("not json")
+        await sock.wait("error")
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        async with http.get(f"{echo_ws_server.url}/metrics", headers=auth) as resp:
+            live = await resp.text()
+        await sock.close()
+        await wait_for(lambda: not echo_ws_server.state.sockets, 5)
+        async with http.get(f"{echo_ws_server.url}/metrics", headers=auth) as resp:
+            after = await resp.text()
+    assert scrape(live)[("voxtral_rtc_calls_active", ())] == 1
+    counts = scrape(after)
+    assert counts[("voxtral_rtc_calls_started_total", ())] == 1
+    assert (
+        counts[("voxtral_rtc_errors_total", (("code", "invalid_json"), ("source", "protocol")))]
+        == 1
+    )
+    ended = {k: v for k, v in counts.items() if k[0] == "voxtral_rtc_calls_ended_total"}
+    assert ended == {("voxtral_rtc_calls_ended_total", (("reason", "client_closed"),)): 1}, ended
 
 
 async def test_max_call_s_ends_the_session(beckett_audio: npt.NDArray[np.float32]) -> None:
