@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from aiortc.codecs.opus import OpusDecoder, OpusEncoder
 from aiortc.jitterbuffer import JitterFrame
 
-from agent.audio_input import SAMPLE_RATE
 from agent.config import SegmenterConfig, VadConfig
 from agent.detector import SpeechDetector
 from agent.segmenter import SegmenterOptions, SpeechPaused, SpeechResumed, Utterance
+from agent.transports.webrtc_audio import SAMPLE_RATE
 from agent.vad import WINDOW_MS, SileroVad, VadStream
 from bench.common import (
     REPO_ROOT,

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from agent.config import Config
 from agent.engines.base import Engine
-from agent.peer import restrict_host_addresses
+from agent.transports.webrtc_peer import restrict_host_addresses
 from signaling.errors import ERROR_CODE, Handler, error_middleware
 from signaling.routes import setup_routes
 from signaling.security import Security

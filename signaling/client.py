@@ -22,7 +22,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from agent.audio_file import read_audio
 from agent.config import WebRTCConfig
-from agent.peer import rtc_configuration
+from agent.transports.webrtc_peer import rtc_configuration
 
 FRAME_MS = 20
 

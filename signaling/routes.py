@@ -16,8 +16,12 @@ from aiortc import RTCIceCandidate, RTCSessionDescription
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from agent.config import Config, WebRTCConfig
-from agent.peer import ice_servers_for_browser, new_peer_connection, set_audio_jitter_prefetch
 from agent.transports.webrtc import WebRtcCall
+from agent.transports.webrtc_peer import (
+    ice_servers_for_browser,
+    new_peer_connection,
+    set_audio_jitter_prefetch,
+)
 from signaling.errors import ApiError, json_object
 from signaling.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from signaling.ratelimit import TokenBucketLimiter

@@ -1,12 +1,13 @@
 """A WebRTC call: an aiortc peer carrying one ``TranscriptionSession``.
 
-The peer's audio track becomes 16 kHz chunks (``agent.audio_input``) on the session's inbound
-queue, its ``oai-events`` data channel carries client messages in and events out
-(``DataChannelSink``). The call owns the peer: ICE + DTLS set-up is bounded by
-``CONNECT_TIMEOUT_S``, and the call ends on end of track, ``pc.close()``, ICE failure, a
-closed data channel, no audio for ``audio.idle_timeout_s``, ``limits.max_call_s`` or server
-shutdown; in every case the session flushes the open utterance to the engine first, and the
-peer closes once its last events have left.
+The peer's audio track becomes 16 kHz chunks (``webrtc_audio``) on the session's inbound
+queue; its ``oai-events`` data channel carries client messages in and events out
+(``DataChannelSink``); ``webrtc_peer`` holds every aiortc/aioice quirk. The call owns the
+peer: ICE + DTLS set-up is bounded by ``CONNECT_TIMEOUT_S``, and the call ends on end of
+track, ``pc.close()``, ICE failure, a closed data channel, no audio for
+``audio.idle_timeout_s``, ``limits.max_call_s`` or server shutdown. In every case the
+session flushes the open utterance to the engine first, and the peer closes once its last
+events have left.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from aiortc import RTCDataChannel, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamTrack
 
 from agent import events
-from agent.audio_input import AudioInput
-from agent.peer import MAX_MESSAGE_BYTES, MESSAGE_TOO_LARGE, close_peer
 from agent.session import AudioIn, Carriage, SessionDeps, TranscriptionSession
+from agent.transports.webrtc_audio import AudioInput
+from agent.transports.webrtc_peer import MAX_MESSAGE_BYTES, MESSAGE_TOO_LARGE, close_peer
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from agent import events
 from agent.config import WebRTCConfig
 from agent.errors import ProtocolError
-from agent.peer import rtc_configuration
+from agent.transports.webrtc_peer import rtc_configuration
 from signaling.app import RunningServer, start_server
 from signaling.client import ArrayAudioTrack, RealtimeClient
 from tests.audio_files import wav_bytes

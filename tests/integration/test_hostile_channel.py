@@ -22,14 +22,14 @@ from aiortc.rtcsctptransport import (
 )
 
 from agent.events import ECHO_MAX_CHARS, ERROR_MESSAGE_MAX_CHARS
-from agent.peer import (
+from agent.session import CHANNEL_BUFFER_HARD_FACTOR
+from agent.transports.webrtc import WebRtcCall
+from agent.transports.webrtc_peer import (
     MAX_HELD_BYTES,
     MAX_MESSAGE_BYTES,
     MAX_MESSAGE_FRAGMENTS,
     bound_inbound_messages,
 )
-from agent.session import CHANNEL_BUFFER_HARD_FACTOR
-from agent.transports.webrtc import WebRtcCall
 from signaling.app import RunningServer, start_server
 from signaling.client import ArrayAudioTrack, RealtimeClient
 from tests.conftest import make_config

@@ -17,7 +17,7 @@ import pytest
 from aiortc import RTCPeerConnection
 
 from agent.config import WebRTCConfig
-from agent.peer import rtc_configuration
+from agent.transports.webrtc_peer import rtc_configuration
 from signaling import routes
 from signaling.app import RunningServer, start_server
 from signaling.client import ArrayAudioTrack, RealtimeClient

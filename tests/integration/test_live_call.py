@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.engines.base import Engine, EngineRequest, EngineResult
-from agent.peer import ImmediateAudioJitterBuffer
+from agent.transports.webrtc_peer import ImmediateAudioJitterBuffer
 from signaling.app import RunningServer, start_server
 from signaling.client import ArrayAudioTrack, RealtimeClient
 from tests.conftest import BECKETT_PHRASES, BECKETT_REGIONS, make_config, normalise

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import WebRTCConfig
 from agent.engines.base import Engine, EngineRequest, EngineResult
-from agent.peer import rtc_configuration
+from agent.transports.webrtc_peer import rtc_configuration
 from signaling.app import RunningServer, start_server
 from signaling.client import ArrayAudioTrack, RealtimeClient
 from tests.conftest import make_config, normalise

@@ -19,7 +19,7 @@ import numpy.typing as npt
 import yaml
 
 from agent.config import ENV_PREFIX
-from agent.peer import restrict_host_addresses
+from agent.transports.webrtc_peer import restrict_host_addresses
 from signaling.client import ArrayAudioTrack, RealtimeClient
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from agent.peer import restrict_host_addresses
+from agent.transports.webrtc_peer import restrict_host_addresses
 from signaling.client import ArrayAudioTrack, RealtimeClient, read_audio
 from tests.conftest import BECKETT
 

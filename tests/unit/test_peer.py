@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiortc.rtp import RtpPacket
 
-from agent.peer import ImmediateAudioJitterBuffer
+from agent.transports.webrtc_peer import ImmediateAudioJitterBuffer
 
 
 def packet(seq: int) -> RtpPacket:
