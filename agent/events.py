@@ -152,6 +152,8 @@ class SessionUpdate:
     beta: bool = False
     #: ``audio.input.format`` / ``input_audio_format``; ``None`` = unchanged.
     input_format: InputFormat | None = None
+    #: The transcription model the client named (the engine answers whatever it is).
+    model: str | None = None
     #: ``None`` = not mentioned; ``""`` = back to the default / detection.
     language: str | None = None
     prompt: str | None = None
@@ -181,6 +183,11 @@ class Append:
 
 
 ClientEvent = SessionUpdate | Commit | Clear | Append
+
+#: Transcription models whose OpenAI sessions have no server VAD unless asked: a client
+#: naming one without a ``turn_detection`` commits each turn itself (LiveKit's plugin does,
+#: and would get ``input_audio_buffer_commit_empty`` after our VAD had cut the turn).
+CLIENT_TURN_MODELS = ("gpt-realtime-whisper", "gpt-live-transcribe")
 
 #: ``semantic_vad`` eagerness -> the silence that ends a turn on our VAD (ms). OpenAI's
 #: semantic detector waits longer when unsure; ours waits a fixed time, so "low" (let the
@@ -237,12 +244,13 @@ def _parse_session_update(msg: dict[str, Any], event_id: str | None, beta: bool)
         audio_input = {}
     input_format = _parse_format(session.get("input_audio_format", audio_input.get("format")))
     transcription = session.get("input_audio_transcription", audio_input.get("transcription"))
-    language = prompt = None
+    language = prompt = model = None
     if transcription is not None:
         if not isinstance(transcription, dict):
             raise ProtocolError("input_audio_transcription must be an object", "invalid_value")
         language = _opt_str(transcription, "language", max_len=16)
         prompt = _opt_str(transcription, "prompt", max_len=2000)
+        model = _opt_str(transcription, "model", max_len=128)
         if language and not language.replace("-", "").isalpha():
             raise ProtocolError(
                 f"language {echo(language)} is not a language code", "invalid_value"
@@ -261,6 +269,7 @@ def _parse_session_update(msg: dict[str, Any], event_id: str | None, beta: bool)
         event_id,
         beta=beta,
         input_format=input_format,
+        model=model,
         language=language,
         prompt=prompt,
         turn_detection_off=key_present and td_raw is None,

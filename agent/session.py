@@ -439,7 +439,12 @@ class TranscriptionSession:
             self._items.prompt = msg.prompt or None
         if msg.include_interim is not None:
             self._items.include_interim = msg.include_interim
-        if msg.turn_detection_off:
+        client_turns = (
+            msg.model is not None
+            and msg.model.startswith(events.CLIENT_TURN_MODELS)
+            and msg.turn_detection is None
+        )
+        if msg.turn_detection_off or client_turns:
             self._options = replace(self._options, turn_detection=False)
         elif msg.turn_detection is not None:
             td = msg.turn_detection

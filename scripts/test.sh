@@ -23,6 +23,12 @@ fi
 # torch pinned first: 2.13.0 is a CPU wheel here; an unpinned torch would pull CUDA packages.
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[test,voxtral]"
+# The real client packages (openai, LiveKit, Pipecat), one venv each under .venvs/, for
+# tests/integration/test_realtime_clients.py.
+bash scripts/client_venvs.sh
+# onnxruntime (Silero, here and in the Pipecat venv) sends telemetry unless told not to; the
+# agent package sets this too, the export covers the client venvs' own processes.
+export ORT_DISABLE_TELEMETRY=1
 
 .venv/bin/ruff check agent signaling tests bench
 .venv/bin/mypy

@@ -254,6 +254,29 @@ async def test_client_commits_with_turn_detection_off(
         await sock.close()
 
 
+@pytest.mark.parametrize(
+    ("model", "server_vad"),
+    [
+        ("gpt-realtime-whisper", False),
+        ("gpt-live-transcribe-1", False),
+        ("gpt-4o-transcribe", True),
+    ],
+)
+async def test_models_that_commit_client_side_turn_server_vad_off(
+    echo_ws_server: RunningServer, model: str, server_vad: bool
+) -> None:
+    """As OpenAI's sessions for these models: no server VAD unless the update asks for it
+    (LiveKit's plugin then commits each turn on its own VAD)."""
+    async with aiohttp.ClientSession() as http:
+        sock = await open_socket(http, echo_ws_server)
+        session = {"type": "transcription", "audio": {"input": {"transcription": {"model": model}}}}
+        await sock.send({"type": "session.update", "session": session})
+        updated = (await sock.wait("session.updated"))[0]
+        turn = updated["session"]["audio"]["input"]["turn_detection"]
+        assert (turn is not None) == server_vad, turn
+        await sock.close()
+
+
 class Recording(Engine):
     """Echo, noting each request's prompt."""
 
