@@ -16,10 +16,9 @@ finish, up to ``DRAIN_TIMEOUT_S``) -> ``closed``. The session owns its tasks: ``
 per decode; ``close()`` cancels and awaits all of them.
 
 Sending is bounded: events wait for the sink in a queue of ``limits.event_queue`` (oldest
-dropped); once the sink holds more than ``limits.channel_buffer_bytes`` unsent (a client
-that does not read), deltas, interims, lag notices and errors are dropped; ``completed``,
-``failed`` and the rest are sent until they alone add ``CHANNEL_BUFFER_HARD_FACTOR - 1``
-times that: then the session ends (``client_not_reading``).
+dropped), and the sink (``agent.event_sink``) bounds what a client leaves unread to
+``limits.channel_buffer_bytes`` for droppable events and ``HARD_FACTOR`` times that for the
+rest: past it the session ends (``client_not_reading``).
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +45,7 @@ from agent.config import Config
 from agent.detector import DetectorEvent, SpeechDetector
 from agent.engines.worker import EngineWorker
 from agent.errors import EngineError, ProtocolError
+from agent.event_sink import HARD_FACTOR, EventSink
 from agent.items import ENGINE_LAG, ItemPipeline
 from agent.observer import AudioLagMeter, CallObserver
 from agent.segmenter import SegmenterOptions
@@ -62,10 +62,8 @@ FLUSH_TIMEOUT_S = 1.0
 DROPPABLE = frozenset(
     {f"{events.TRANSCRIPTION}.delta", f"{events.TRANSCRIPTION}.interim", ENGINE_LAG, "error"}
 )
-#: A client that does not read may have events that are never dropped fill its sink up to
-#: this many times ``limits.channel_buffer_bytes``; then the session ends
-#: (``client_not_reading``): no client can make the server hold memory without bound.
-CHANNEL_BUFFER_HARD_FACTOR = 4
+#: How far past ``limits.channel_buffer_bytes`` a client that does not read may get.
+CHANNEL_BUFFER_HARD_FACTOR = HARD_FACTOR
 
 SessionState = Literal["connecting", "live", "draining", "closed"]
 
@@ -122,22 +120,6 @@ class EndIn:
 Inbound = AudioIn | MessageIn | EndIn
 
 
-class EventSink(Protocol):
-    """Where a session's events go: a data channel, a WebSocket."""
-
-    def is_open(self) -> bool:
-        """Whether events can still be sent (closed: they are dropped)."""
-
-    def send(self, text: str) -> None:
-        """Queue one event's JSON text; never blocks."""
-
-    def buffered_amount(self) -> int:
-        """Bytes handed over but not yet sent to the client."""
-
-    async def flush(self, timeout_s: float) -> None:
-        """Wait, up to ``timeout_s``, for what is buffered to leave."""
-
-
 @dataclass(frozen=True)
 class Carriage:
     """How a transport carries a session's audio, for the session to describe and check."""
@@ -187,8 +169,6 @@ class TranscriptionSession:
         self._items.speculative = deps.config.engine.speculative_final
         self._sink: EventSink | None = None
         self._outbox: deque[str] = deque(maxlen=deps.config.limits.event_queue)
-        #: Bytes sent since the sink's buffer last was under ``limits.channel_buffer_bytes``.
-        self._unread_bytes = 0
         self._inbox: asyncio.Queue[Inbound] = asyncio.Queue()
         #: Bytes waiting on the inbound queue, and a flag set whenever there is room again.
         self._inbox_bytes = 0
@@ -220,7 +200,7 @@ class TranscriptionSession:
         """Events go to ``sink`` from now on, those queued before it first."""
         self._sink = sink
         while self._outbox:
-            sink.send(self._outbox.popleft())
+            sink.send(self._outbox.popleft(), droppable=False)
 
     def stop(self, reason: str) -> None:
         """End the session from within: the transport stops its input, which then ends.
@@ -240,12 +220,15 @@ class TranscriptionSession:
         self.stop(code)
 
     async def close(self) -> None:
-        """Cancel whatever still runs and mark the session closed (idempotent)."""
+        """Cancel whatever still runs, release the sink, mark the session closed
+        (idempotent)."""
         if self._main is not None and not self._main.done():
             self._main.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._main
         await self._cancel_tasks()
+        if self._sink is not None:
+            await self._sink.close()
         self._mark_closed()
 
     async def wait_done(self) -> None:
@@ -501,27 +484,12 @@ class TranscriptionSession:
                 self._observer.event_dropped("outbox_full")
             self._outbox.append(text)
             return
-        if not sink.is_open():
-            return
-        limit = self._config.limits.channel_buffer_bytes
-        buffered = sink.buffered_amount()
-        if buffered <= limit:
-            self._unread_bytes = 0  # the client reads (again)
-        elif event["type"] in DROPPABLE:
-            # The client is not reading: keep the buffer bounded, finals still go.
+        outcome = sink.send(text, droppable=event["type"] in DROPPABLE)
+        if outcome in ("dropped", "overflow"):
             self.dropped_events += 1
             self._observer.event_dropped("backpressure")
-            return
-        else:
-            # Counted from what we add rather than read from the buffer: it is bounded by
-            # the limit plus this allowance whatever the transport reports.
-            self._unread_bytes += len(text.encode())
-            if self._unread_bytes > (CHANNEL_BUFFER_HARD_FACTOR - 1) * limit:
-                self.dropped_events += 1
-                self._observer.event_dropped("backpressure")
-                self._end_not_reading(buffered)
-                return
-        sink.send(text)
+        if outcome == "overflow":
+            self._end_not_reading(sink.buffered_amount())
 
     def _end_not_reading(self, buffered: int) -> None:
         if self.end_reason is not None:

@@ -22,6 +22,7 @@ from aiortc import RTCDataChannel, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamTrack
 
 from agent import events
+from agent.event_sink import EventSink
 from agent.session import AudioIn, Carriage, SessionDeps, TranscriptionSession
 from agent.transports.webrtc_audio import AudioInput
 from agent.transports.webrtc_peer import MAX_MESSAGE_BYTES, MESSAGE_TOO_LARGE, close_peer
@@ -34,16 +35,17 @@ CONNECT_TIMEOUT_S = 20.0
 WEBRTC = Carriage("webrtc", input_format=None, max_message_bytes=events.MAX_CLIENT_MESSAGE)
 
 
-class DataChannelSink:
+class DataChannelSink(EventSink):
     """The session's events on the ``oai-events`` data channel."""
 
-    def __init__(self, channel: RTCDataChannel) -> None:
+    def __init__(self, channel: RTCDataChannel, limit: int) -> None:
+        super().__init__(limit)
         self.channel = channel
 
     def is_open(self) -> bool:
         return bool(self.channel.readyState == "open")
 
-    def send(self, text: str) -> None:
+    def _write(self, text: str) -> None:
         self.channel.send(text)
 
     def buffered_amount(self) -> int:
@@ -257,7 +259,8 @@ class WebRtcCall:
             self._channel = channel
             channel.on("message", self._on_message)
             channel.on("close", self._on_channel_close)
-            self.session.attach(DataChannelSink(channel))
+            limit = self._config.limits.channel_buffer_bytes
+            self.session.attach(DataChannelSink(channel, limit))
 
         pc.on(MESSAGE_TOO_LARGE, self._on_message_too_large)
 

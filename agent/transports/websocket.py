@@ -25,6 +25,7 @@ from collections.abc import Callable
 from aiohttp import WSMsgType, web
 
 from agent.audio_formats import PCM16_24K
+from agent.event_sink import EventSink
 from agent.session import Carriage, SessionDeps, TranscriptionSession
 
 log = logging.getLogger(__name__)
@@ -38,22 +39,23 @@ CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 
 
-class WebSocketSink:
+class WebSocketSink(EventSink):
     """Events on the socket, in order, written by one task; ``send`` never awaits."""
 
-    def __init__(self, ws: web.WebSocketResponse) -> None:
+    def __init__(self, ws: web.WebSocketResponse, limit: int) -> None:
+        super().__init__(limit)
         self._ws = ws
         self._queue: deque[str] = deque()
         self._queued_bytes = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._writer = asyncio.create_task(self._write(), name="ws-writer")
+        self._writer = asyncio.create_task(self._pump(), name="ws-writer")
 
     def is_open(self) -> bool:
         return not self._ws.closed and not self._writer.done()
 
-    def send(self, text: str) -> None:
+    def _write(self, text: str) -> None:
         self._queue.append(text)
         self._queued_bytes += len(text)
         self._idle.clear()
@@ -73,7 +75,7 @@ class WebSocketSink:
         with contextlib.suppress(asyncio.CancelledError):
             await self._writer
 
-    async def _write(self) -> None:
+    async def _pump(self) -> None:
         try:
             while True:
                 await self._wake.wait()
@@ -119,7 +121,7 @@ class RealtimeSocket:
         is still flushed and drained."""
         self._runner = asyncio.current_task()
         session = self.session
-        sink = WebSocketSink(self.ws)
+        sink = WebSocketSink(self.ws, self._config.limits.channel_buffer_bytes)
         session.attach(sink)
         session.start()
         session.go_live()
@@ -131,8 +133,7 @@ class RealtimeSocket:
             if not self.ws.closed:
                 await self.ws.close(code=self._close_code)
         finally:
-            await sink.close()
-            await session.close()
+            await session.close()  # closes the sink too
             self._done.set()
             if self._on_closed is not None:
                 self._on_closed(self)

@@ -351,19 +351,6 @@ async def test_engine_behind_real_time_sends_engine_lag(
 # -- sending under backpressure ------------------------------------------------------------
 
 
-class StalledSink:
-    """The session's sink, but reporting a full send buffer (a client that never reads)."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    def buffered_amount(self) -> int:
-        return 10**9
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
 async def test_full_send_buffer_drops_deltas_never_finals(
     beckett_audio: npt.NDArray[np.float32],
 ) -> None:
@@ -376,7 +363,8 @@ async def test_full_send_buffer_drops_deltas_never_finals(
             await client.next_event("session.updated", timeout=5)
             session = server.state.calls[client.pc_id]
             await wait_for(lambda: session.session._sink is not None, 5)
-            session.session._sink = StalledSink(session.session._sink)
+            # The sink now reports a full send buffer: a client that never reads.
+            session.session._sink.buffered_amount = lambda: 10**9  # type: ignore[method-assign,union-attr]
             await client.next_event(COMPLETED, timeout=10)
             await client.next_event(COMPLETED, timeout=10)
             assert not client.of_type(DELTA) and not client.of_type(INTERIM)
