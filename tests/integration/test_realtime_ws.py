@@ -537,6 +537,37 @@ async def test_metrics_count_socket_sessions(echo_ws_server: RunningServer) -> N
     assert ended == {("voxtral_rtc_calls_ended_total", (("reason", "client_closed"),)): 1}, ended
 
 
+async def test_clear_drops_the_open_utterance(
+    echo_ws_server: RunningServer, beckett_audio: npt.NDArray[np.float32]
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        sock = await open_socket(http, echo_ws_server)
+        await sock.stream(encode(beckett_audio[: int(16000 * 1.0)], "pcm16"), 48_000, speed=4)
+        await sock.wait("input_audio_buffer.speech_started", timeout=5)
+        await sock.send({"type": "input_audio_buffer.clear"})
+        await sock.wait("input_audio_buffer.cleared", timeout=5)
+        await sock.stream(bytes(48_000 * 2), 48_000, speed=4)  # silence that would end it
+        await asyncio.sleep(0.3)
+        assert not sock.of_type("input_audio_buffer.committed")
+        assert not sock.of_type(COMPLETED)
+        await sock.close()
+
+
+async def test_a_silent_socket_times_out_and_is_released() -> None:
+    config = make_config(VAD__KIND="energy", SERVER__AUTH_TOKENS=TOKEN, AUDIO__IDLE_TIMEOUT_S="1")
+    server = await start_server(config, engine=Echo())
+    try:
+        async with aiohttp.ClientSession() as http:
+            sock = await open_socket(http, server)
+            [socket] = server.state.sockets.values()
+            await asyncio.wait_for(sock._reader, 5)  # the server closes it
+            assert sock.ws.close_code == 1000
+        await wait_for(lambda: not server.state.sockets, 5)
+        assert socket.end_reason == "idle_timeout"
+    finally:
+        await server.stop()
+
+
 async def test_max_call_s_ends_the_session(beckett_audio: npt.NDArray[np.float32]) -> None:
     config = make_config(VAD__KIND="energy", SERVER__AUTH_TOKENS=TOKEN, LIMITS__MAX_CALL_S="2")
     server = await start_server(config, engine=Echo())
