@@ -3,6 +3,7 @@ and finals fast enough. ::
 
     .venv/bin/python bench/capacity.py                       # ramp 1 2 4 8 12 16 20 24 32
     .venv/bin/python bench/capacity.py --calls 1 4 8 --no-save
+    .venv/bin/python bench/capacity.py --transport ws --calls 1 2 4 6 8   # /v1/realtime
 
 The server runs as a subprocess (``python -m signaling.cli serve``, its CPU measured alone)
 with the default configuration (embedded Whisper tiny.en, Silero VAD) forced onto 127.0.0.1.
@@ -17,6 +18,10 @@ when all three hold:
    cancels out and a stalled loop, an overloaded VAD pool or a jitter-buffer burst shows);
 2. **fast finals**: p95 of end of speech -> ``completed`` at the client <= ``--p95-ms``;
 3. **nothing lost**: every utterance of every call has its ``completed`` (none failed).
+
+``--transport ws`` ramps ``/v1/realtime`` WebSocket sessions instead (``bench/latency.py``'s
+WS client: pcm16 24 kHz appends of 50 ms paced in real time); the three checks are the same
+(the server meters a socket's audio lag as it does a call's).
 
 The ramp stops after the first count that fails (``--keep-going`` runs them all). The
 capacity is the largest passing count. The clients share the machine with the server: on a
@@ -43,7 +48,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.peer import restrict_host_addresses
+from agent.transports.webrtc_peer import restrict_host_addresses
 from bench.common import (
     LOOPBACK,
     REPO_ROOT,
@@ -55,8 +60,9 @@ from bench.common import (
     save_results,
     shown_path,
     subprocess_server,
+    summarize,
 )
-from bench.latency import offline_utterances, run_phase
+from bench.latency import TRANSPORTS, add_quiet_args, offline_utterances, run_phase
 from signaling.client import read_audio
 
 LAG = "voxtral_rtc_audio_lag_seconds"
@@ -97,11 +103,44 @@ def lag_summary(
     }
 
 
+def _checks(
+    records: list[dict[str, Any]], counts: dict[str, int], late: int, p95_ms: float
+) -> dict[str, bool]:
+    p95 = summarize(r["end_to_final_ms"] for r in records).p95
+    return {
+        "frames_on_time": late == 0,
+        "p95_ok": p95 is not None and p95 <= p95_ms,
+        "none_lost": counts["completed"] == counts["expected"]
+        and not counts["failed"]
+        and not counts["call_errors"],
+    }
+
+
+def _step(n: int, runs: list[dict[str, Any]], p95_ms: float) -> dict[str, Any]:
+    """One count's verdict over its runs: finals pooled (p95 of them all), counts summed."""
+    records = [r for p in runs for c in p["call_results"] for r in c["records"]]
+    counts = {k: sum(p["counts"][k] for p in runs) for k in runs[0]["counts"]}
+    late = sum(p["audio_lag"]["late"] for p in runs)
+    checks = _checks(records, counts, late, p95_ms)
+    return {
+        "calls": n,
+        "runs": len(runs),
+        "end_to_final_ms": summarize(r["end_to_final_ms"] for r in records).as_dict(),
+        "counts": counts,
+        "late_chunks": late,
+        "chunks": sum(p["audio_lag"]["chunks"] for p in runs),
+        "checks": checks,
+        "passed": all(checks.values()),
+    }
+
+
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     restrict_host_addresses([LOOPBACK])
     samples = read_audio(args.audio)
     load_before = os.getloadavg()[0]
+    machine = machine_info()  # the commit the server starts from, not the one at the end
     phases: list[dict[str, Any]] = []
+    steps: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-capacity-") as tmp:
         base = Path(tmp) / "base.yaml"
         raw: dict[str, Any] = (
@@ -117,51 +156,61 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             stagger_ms=args.stagger_ms,
             tail_timeout_s=args.tail_timeout_s,
             match_tolerance_ms=400.0,
+            ws_chunk_ms=args.ws_chunk_ms,
+            quiet_pct=args.quiet_pct,
+            quiet_wait_s=args.quiet_wait_s,
         )
         async with subprocess_server(Path(tmp) / "server.yaml", port) as server:
             engine = server.engine
             for n in args.calls:
-                before = await scrape(server.url)
-                phase = await run_phase(server, config, samples, offline, n, 1, phase_args)
-                lag = lag_summary(before, await scrape(server.url), args.late_ms)
-                p95 = phase["summary"]["end_to_final_ms"]["p95"]
-                counts = phase["counts"]
-                checks = {
-                    "frames_on_time": lag["late"] == 0,
-                    "p95_ok": p95 is not None and p95 <= args.p95_ms,
-                    "none_lost": counts["completed"] == counts["expected"]
-                    and not counts["failed"]
-                    and not counts["call_errors"],
-                }
-                phase.update(audio_lag=lag, checks=checks, passed=all(checks.values()))
-                phases.append(phase)
+                runs = []
+                for repeat in range(1, args.repeat + 1):
+                    before = await scrape(server.url)
+                    phase = await run_phase(
+                        server, config, samples, offline, n, repeat, phase_args, args.transport
+                    )
+                    lag = lag_summary(before, await scrape(server.url), args.late_ms)
+                    checks = _checks(
+                        [r for c in phase["call_results"] for r in c["records"]],
+                        phase["counts"],
+                        lag["late"],
+                        args.p95_ms,
+                    )
+                    phase.update(audio_lag=lag, checks=checks, passed=all(checks.values()))
+                    runs.append(phase)
+                    await asyncio.sleep(args.settle_s)
+                phases.extend(runs)
+                step = _step(n, runs, args.p95_ms)
+                steps.append(step)
                 print(
-                    f"  -> {n} calls: {'PASS' if phase['passed'] else 'FAIL'} {checks}; "
-                    f"late chunks {lag['late']}/{lag['chunks']}, max lag bucket "
-                    f"{lag['max_bucket_ms']} ms",
+                    f"  -> {args.transport} {n} streams: "
+                    f"{'PASS' if step['passed'] else 'FAIL'} {step['checks']}; p95 "
+                    f"{step['end_to_final_ms']['p95']} ms over {len(runs)} run(s); late chunks "
+                    f"{step['late_chunks']}/{step['chunks']}",
                     file=sys.stderr,
                 )
-                if not phase["passed"] and not args.keep_going:
+                if not step["passed"] and not args.keep_going:
                     break
-                await asyncio.sleep(args.settle_s)
-    passing = [p["calls"] for p in phases if p["passed"]]
+    passing = [st["calls"] for st in steps if st["passed"]]
     capacity = 0
-    for p in phases:  # the largest count with every count up to it passing
-        if not p["passed"]:
+    for st in steps:  # the largest count with every count up to it passing
+        if not st["passed"]:
             break
-        capacity = p["calls"]
+        capacity = st["calls"]
     return {
         "benchmark": "capacity",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": shlex.join([shown_path(Path(sys.executable)), *sys.argv]),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "machine": {**machine_info(), "load_avg_1m": [load_before, os.getloadavg()[0]]},
+        "machine": {**machine, "load_avg_1m": [load_before, os.getloadavg()[0]]},
         "engine": engine,
+        "transport": args.transport,
         "config": asdict(config),
         "audio": {"path": shown_path(args.audio), "seconds": round(len(samples) / 16_000, 2)},
         "criteria": {"late_ms": args.late_ms, "p95_ms": args.p95_ms},
         "capacity": capacity,
         "passing": passing,
+        "steps": steps,
         "phases": phases,
     }
 
@@ -174,6 +223,7 @@ def render(report: dict[str, Any]) -> str:
         rows.append(
             [
                 p["calls"],
+                p["repeat"],
                 "pass" if p["passed"] else "FAIL",
                 f"{c['completed']}/{c['expected']}",
                 c["failed"] + c["call_errors"],
@@ -189,7 +239,8 @@ def render(report: dict[str, Any]) -> str:
             ]
         )
     headers = (
-        "calls",
+        "streams",
+        "run",
         "result",
         "finals",
         "failed",
@@ -204,6 +255,41 @@ def render(report: dict[str, Any]) -> str:
         "wall s",
     )
     cfg = report["config"]
+    step_rows = [
+        [
+            st["calls"],
+            st["runs"],
+            "pass" if st["passed"] else "FAIL",
+            f"{st['counts']['completed']}/{st['counts']['expected']}",
+            "—"
+            if st["end_to_final_ms"]["p50"] is None
+            else f"{st['end_to_final_ms']['p50']:.0f} / {st['end_to_final_ms']['p95']:.0f}",
+            f"{st['late_chunks']}/{st['chunks']}",
+            ", ".join(k for k, ok in st["checks"].items() if not ok) or "—",
+        ]
+        for st in report.get("steps", [])
+    ]
+    step_headers = (
+        "streams",
+        "runs",
+        "result",
+        "finals",
+        "end of speech → final p50 / p95 ms (all runs)",
+        f"chunks > {crit['late_ms']:.0f} ms late",
+        "failed checks",
+    )
+    pooled = (
+        [
+            "Per count, the runs pooled (the verdict):",
+            "",
+            markdown_table(step_headers, step_rows),
+            "",
+            "Per run:",
+            "",
+        ]
+        if any(st["runs"] > 1 for st in report.get("steps", []))
+        else []
+    )
     return "\n".join(
         [
             "# Capacity (bench/capacity.py)",
@@ -216,12 +302,15 @@ def render(report: dict[str, Any]) -> str:
             f"- server: subprocess; engine {report['engine']} (lanes {cfg['engine']['lanes']}, "
             f"beam {cfg['engine']['beam_size']}, interims every "
             f"{cfg['engine']['interim_interval_ms']} ms); VAD {cfg['vad']['kind']}",
-            f"- audio: {report['audio']['path']} ({report['audio']['seconds']} s) per call",
+            f"- transport: {_TRANSPORT_WORDS[report.get('transport', 'webrtc')]}",
+            f"- audio: {report['audio']['path']} ({report['audio']['seconds']} s) per stream",
             f"- pass = no audio chunk more than {crit['late_ms']:.0f} ms behind real time at "
             f"the VAD, p95 end of speech → final ≤ {crit['p95_ms']:.0f} ms, no final lost",
             "",
-            f"**Capacity: {report['capacity']} simultaneous calls.**",
+            f"**Capacity: {report['capacity']} simultaneous "
+            f"{'sessions' if report.get('transport') == 'ws' else 'calls'}.**",
             "",
+            *pooled,
             markdown_table(headers, rows),
             "",
             "*worst lag* is the upper bound of the audio-lag histogram bucket holding the "
@@ -230,6 +319,12 @@ def render(report: dict[str, Any]) -> str:
             "everything else the machine ran meanwhile (noise).",
         ]
     )
+
+
+_TRANSPORT_WORDS = {
+    "webrtc": "WebRTC (aiortc calls, Opus)",
+    "ws": "WebSocket /v1/realtime?intent=transcription (pcm16 24 kHz appends, base64)",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -246,7 +341,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[1, 2, 4, 8, 12, 16, 20, 24, 32],
         help="call counts, ramped in this order (default: 1 2 4 8 12 16 20 24 32)",
     )
+    p.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="webrtc",
+        help="webrtc (default): aiortc calls; ws: /v1/realtime sessions (as bench/latency.py)",
+    )
+    p.add_argument("--ws-chunk-ms", type=int, default=50, help="audio per WS append in ms (50)")
     p.add_argument("--config", type=Path, help="base YAML for the server (default: defaults)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs per count; its verdict pools their finals (p95 of all) (default: 1)",
+    )
     p.add_argument("--late-ms", type=float, default=200.0, help="a chunk later is late (200)")
     p.add_argument("--p95-ms", type=float, default=2000.0, help="p95 end->final bound (2000)")
     p.add_argument("--stagger-ms", type=float, default=200.0, help="call start spread (200)")
@@ -256,11 +364,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--settle-s", type=float, default=2.0, help="pause between counts (2)")
     p.add_argument("--keep-going", action="store_true", help="run every count, even after a fail")
+    add_quiet_args(p)
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--no-save", action="store_true", help="print the table only")
     args = p.parse_args(argv)
-    if min(args.calls) < 1:
-        p.error("--calls must be >= 1")
+    if min(args.calls) < 1 or args.repeat < 1:
+        p.error("--calls and --repeat must be >= 1")
     return args
 
 

@@ -97,6 +97,7 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
     return {
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
@@ -104,7 +105,10 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_dirty": bool(dirty),
+        # Tracked files that differ from the commit (the code a server started from may hold
+        # uncommitted work: this says which files, not what was in them).
+        "git_dirty_files": [line[3:] for line in dirty.splitlines()],
     }
 
 
@@ -238,17 +242,50 @@ async def wait_ready(url: str, proc: asyncio.subprocess.Process, log_path: Path)
     raise TimeoutError(f"server not ready within {READY_TIMEOUT_S:.0f} s (log: {log_path})")
 
 
-async def wait_idle(url: str, timeout_s: float = IDLE_TIMEOUT_S) -> None:
-    """Until the server holds no call (``/healthz``), e.g. before reading its CPU time."""
+async def wait_idle(url: str, timeout_s: float = IDLE_TIMEOUT_S, sockets: bool = False) -> None:
+    """Until the server holds no call (``/healthz``), e.g. before reading its CPU time.
+
+    ``/healthz`` counts WebRTC calls only; with ``sockets`` the wait is also for every
+    ``/v1/realtime`` session to be released (``voxtral_rtc_calls_active`` on ``/metrics``
+    counts both)."""
     deadline = time.perf_counter() + timeout_s
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
         while time.perf_counter() < deadline:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                 async with http.get(f"{url}/healthz") as resp:
-                    if (await resp.json()).get("calls") == 0:
-                        return
+                    idle = (await resp.json()).get("calls") == 0
+                if idle and sockets:
+                    idle = await live_sessions(http, url) == 0
+                if idle:
+                    return
             await asyncio.sleep(0.2)
     raise TimeoutError(f"server still holds calls after {timeout_s:.0f} s")
+
+
+async def live_sessions(http: aiohttp.ClientSession, url: str) -> int | None:
+    """Calls and WebSocket sessions in progress (``voxtral_rtc_calls_active``), or ``None``."""
+    async with http.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    for line in text.splitlines():
+        if line.startswith("voxtral_rtc_calls_active "):
+            return int(float(line.split()[1]))
+    return None
+
+
+async def wait_quiet(
+    max_busy_pct: float, timeout_s: float, window_s: float = 1.0
+) -> tuple[float, float]:
+    """On a shared machine: wait until the whole machine's busy CPU over ``window_s`` is at
+    most ``max_busy_pct`` % of one core (call it while the benchmark itself is idle), for at
+    most ``timeout_s``. Returns the seconds waited and the last busy share measured."""
+    t0 = time.perf_counter()
+    while True:
+        busy0 = system_busy_seconds()
+        await asyncio.sleep(window_s)
+        busy_pct = 100 * (system_busy_seconds() - busy0) / window_s
+        waited = time.perf_counter() - t0
+        if busy_pct <= max_busy_pct or waited >= timeout_s:
+            return round(waited, 1), round(busy_pct, 1)
 
 
 def free_port() -> int:

@@ -1,34 +1,47 @@
-"""Live-call latency: end of speech -> final transcript at a real WebRTC client, 1..N calls.
+"""Live-call latency: end of speech -> final transcript at a real client, 1..N streams, over
+WebRTC or the OpenAI Realtime WebSocket.
 
-Plays a WAV over N simultaneous aiortc calls (real Opus, real ICE/DTLS/SCTP, all on
-127.0.0.1) against a server started as a subprocess (default; its CPU time is then measured
-alone from ``/proc/PID/stat``) or in this process, and times the data-channel events at the
-client::
+Plays a WAV over N simultaneous streams against a server started as a subprocess (default;
+its CPU time is then measured alone from ``/proc/PID/stat``) or in this process, all on
+127.0.0.1, and times the events at the client. ``--transport webrtc`` (default): aiortc
+calls (real Opus, ICE/DTLS/SCTP), events on the data channel. ``--transport ws``:
+``/v1/realtime?intent=transcription`` sockets sending ``input_audio_buffer.append`` of pcm16
+24 kHz (resampled by PyAV) every 50 ms, paced by the clock, then silence until closed.
+``--transport both`` alternates the two within each repetition, on one server::
 
     .venv/bin/python bench/latency.py --calls 1 8 --repeat 2
+    .venv/bin/python bench/latency.py --transport both --calls 1 4 --repeat 3 --quiet-pct 25
 
 Reference times come from an offline pass of the same VAD + segmenter (same options) over the
 source file: offline utterance ``k`` has an onset and an end in file time, which the client's
-send clock turns into wall time (``ArrayAudioTrack.started_at + ms / 1000``). Each final event
-is matched to the offline utterance whose end is nearest to the event's own ``speech_stopped``
-``audio_end_ms``. Reported per call count (pooled over calls and repeats), p50 / p95:
+send clock turns into wall time (``started_at + ms / 1000``: the first frame or append left
+at ``started_at``; the server's audio clock starts at that first frame or append). Each final
+event is matched to the offline utterance whose end is nearest to the event's own
+``speech_stopped`` ``audio_end_ms``. Reported per transport and stream count (pooled over
+streams and repeats, and per run), p50 / p95:
 
 * end of speech -> ``...transcription.completed`` arrival, split with the server's ``timings``
   into VAD hangover, queue, engine, server (decision -> event sent) and transport/other
-  (= client latency - vad_ms - server_ms: RTP + jitter buffer + decode + VAD backlog + SCTP);
+  (= client latency - vad_ms - server_ms: RTP + jitter buffer + decode + VAD backlog + SCTP,
+  or TCP + base64 + resampling + VAD backlog);
 * speech onset -> ``speech_started`` arrival (and -> first ``delta`` when the engine sends any);
-* transcripts received / expected, failed, missing; server CPU in % of one core per call.
+* transcripts received / expected, failed, missing, ``error`` events, events out of turn;
+  server CPU in % of one core per stream.
 
-Call starts are staggered by a uniform random 0..``--stagger-ms`` (fixed seed): near-
-simultaneous (the worst case for a single engine worker) without every call's utterance ends
-falling into the same 32 ms window, which no real traffic does.
+Stream starts are staggered by a uniform random 0..``--stagger-ms`` (fixed seed): near-
+simultaneous (the worst case for a single engine worker) without every stream's utterance
+ends falling into the same 32 ms window, which no real traffic does. Each chunk leaves at the
+start of the audio it holds (a 20 ms frame, a 50 ms append), so a live microphone, which can
+only send a chunk once it is recorded, would add up to one chunk to every figure.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import json
 import logging
 import os
 import random
@@ -39,18 +52,19 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import av
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.config import Config
 from agent.detector import SpeechDetector
 from agent.errors import ConfigError
-from agent.peer import restrict_host_addresses
 from agent.segmenter import SegmenterOptions, SpeechStarted, Utterance
+from agent.transports.webrtc_peer import restrict_host_addresses
 from agent.vad import SileroVad
 from bench.common import (
     LOOPBACK,
@@ -69,14 +83,18 @@ from bench.common import (
     summarize,
     system_busy_seconds,
     wait_idle,
+    wait_quiet,
 )
-from signaling.client import ArrayAudioTrack, RealtimeClient, read_audio
+from signaling.client import ArrayAudioTrack, RealtimeClient, ReceivedEvent, read_audio
 
 EV = "conversation.item.input_audio_transcription"
 CONNECT_TIMEOUT_S = 30.0
 CLOSE_TIMEOUT_S = 10.0
 #: Keep a call open this long after the file's last sample left, for the last cut to happen.
 SETTLE_AFTER_AUDIO_S = 1.0
+TRANSPORTS = ("webrtc", "ws")
+#: ``/v1/realtime``'s default input format: pcm16 mono at 24 kHz.
+WS_RATE = 24_000
 METRICS = (
     "end_to_final_ms",
     "onset_to_started_ms",
@@ -140,12 +158,158 @@ class TimedTrack(ArrayAudioTrack):
         return frame
 
 
+class SendClock(Protocol):
+    """The audio sender of one stream: when its first sample left, and its worst lateness."""
+
+    @property
+    def started_at(self) -> float | None: ...
+
+    @property
+    def max_lateness_ms(self) -> float: ...
+
+
+class WsAudio:
+    """The file as ``/v1/realtime`` appends, built once per phase and shared by its streams:
+    pcm16 at 24 kHz (PyAV's resampler), ``chunk_ms`` per ``input_audio_buffer.append``,
+    each message already JSON (base64), and one of silence for after the file."""
+
+    def __init__(self, samples: Any, chunk_ms: int) -> None:
+        pcm = _to_pcm16(samples, WS_RATE)
+        step = WS_RATE * chunk_ms // 1000
+        self.chunk_s = step / WS_RATE
+        self.messages = [_append(pcm[i : i + step]) for i in range(0, len(pcm), step)]
+        self.silence = _append(np.zeros(step, "<i2"))
+
+
+def _to_pcm16(samples: Any, rate: int) -> Any:
+    frame = av.AudioFrame.from_ndarray(
+        np.asarray(samples, np.float32).reshape(1, -1), format="flt", layout="mono"
+    )
+    frame.sample_rate = 16_000
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+    out = [
+        f.to_ndarray().reshape(-1) for f in [*resampler.resample(frame), *resampler.resample(None)]
+    ]
+    return (np.clip(np.concatenate(out), -1.0, 1.0) * 32767).astype("<i2")
+
+
+def _append(pcm: Any) -> str:
+    audio = base64.b64encode(pcm.tobytes()).decode()
+    return json.dumps({"type": "input_audio_buffer.append", "audio": audio})
+
+
+class WsClient:
+    """One ``/v1/realtime?intent=transcription`` session spoken to with a raw aiohttp
+    WebSocket, shaped like ``RealtimeClient`` (``received``, ``next_event``, ``close``) and
+    its own send clock (``started_at``: when the first append left; ``max_lateness_ms``).
+
+    After ``session.created`` it sends the file's appends paced by the clock (append ``k``
+    when ``started_at + k x chunk`` is due), then appends of silence until closed, as a
+    live microphone would; a reader task stamps every event on arrival."""
+
+    def __init__(self, base_url: str, audio: WsAudio) -> None:
+        base = base_url.rstrip("/").replace("http://", "ws://", 1)
+        self.url = f"{base}/v1/realtime?intent=transcription"
+        self._audio = audio
+        self.received: list[ReceivedEvent] = []
+        self.events: asyncio.Queue[ReceivedEvent] = asyncio.Queue()
+        self.started_at: float | None = None
+        self.max_lateness_ms = 0.0
+        self.session: dict[str, Any] | None = None
+        self.send_error: str | None = None
+        #: The close code when the server closed the socket before the client did.
+        self.server_closed: int | None = None
+        self._closing = False
+        self._http: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def connect(self) -> None:
+        self._http = aiohttp.ClientSession()
+        self._ws = await self._http.ws_connect(self.url, autoping=True)
+        self._tasks.append(asyncio.create_task(self._read()))
+        created = await self.next_event("session.created", timeout=CONNECT_TIMEOUT_S)
+        self.session = created.event.get("session")
+        self._tasks.append(asyncio.create_task(self._send()))
+
+    async def _read(self) -> None:
+        assert self._ws is not None
+        async for msg in self._ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                received = ReceivedEvent(json.loads(msg.data), time.perf_counter())
+                self.received.append(received)
+                self.events.put_nowait(received)
+        if not self._closing:
+            self.server_closed = self._ws.close_code or -1
+
+    async def _send(self) -> None:
+        ws, audio = self._ws, self._audio
+        assert ws is not None
+        k = 0
+        try:
+            while not ws.closed:
+                now = time.perf_counter()
+                if self.started_at is None:
+                    self.started_at = now
+                else:
+                    due = self.started_at + k * audio.chunk_s
+                    if due > now:
+                        await asyncio.sleep(due - now)
+                    late = (time.perf_counter() - due) * 1000
+                    self.max_lateness_ms = max(self.max_lateness_ms, late)
+                message = audio.messages[k] if k < len(audio.messages) else audio.silence
+                await ws.send_str(message)
+                k += 1
+        except (ConnectionError, RuntimeError) as exc:  # the server closed the socket
+            self.send_error = f"{type(exc).__name__}: {exc}"
+
+    async def next_event(self, type_: str | None = None, timeout: float = 30.0) -> ReceivedEvent:
+        """The next event (of ``type_`` if given; others are skipped but kept in ``received``)."""
+        deadline = time.perf_counter() + timeout
+        while True:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                raise TimeoutError(f"no {type_ or 'event'} within {timeout} s")
+            if self.server_closed is not None and self.events.empty():
+                raise RuntimeError(f"the server closed the socket (code {self.server_closed})")
+            try:  # in slices: a socket the server closes ends the wait early
+                ev = await asyncio.wait_for(self.events.get(), min(remaining, 0.5))
+            except TimeoutError:
+                continue
+            if type_ is None or ev.type == type_:
+                return ev
+
+    async def close(self) -> None:
+        """Stop sending, close the socket (the server flushes the open utterance), release."""
+        self._closing = True
+        for task in self._tasks[1:]:
+            task.cancel()
+        if self._ws is not None:
+            await self._ws.close()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._http is not None:
+            await self._http.close()
+
+
+class EventSource(Protocol):
+    received: list[ReceivedEvent]
+
+    async def next_event(
+        self, type_: str | None = None, timeout: float = 30.0
+    ) -> ReceivedEvent: ...
+
+
 @dataclass
 class CallOutcome:
     call: int
     stagger_ms: float
+    transport: str = "webrtc"
     connect_ms: float | None = None
     error: str | None = None
+    #: The first few ``error`` events the server sent (none expected).
+    errors: list[str] = field(default_factory=list)
     max_send_lateness_ms: float = 0.0
     records: list[dict[str, Any]] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
@@ -155,37 +319,57 @@ class CallOutcome:
 
 
 async def run_call(
-    url: str, config: Config, samples: Any, call: int, stagger_s: float, tail_s: float
-) -> tuple[CallOutcome, RealtimeClient, float | None]:
-    """Connect after ``stagger_s``, play the file, stay until every started item is final."""
-    outcome = CallOutcome(call, round(stagger_s * 1000, 1))
+    url: str,
+    config: Config,
+    samples: Any,
+    call: int,
+    stagger_s: float,
+    tail_s: float,
+    ws_audio: WsAudio | None = None,
+) -> tuple[CallOutcome, list[ReceivedEvent], float | None]:
+    """Connect after ``stagger_s``, play the file, stay until every started item is final.
+
+    Over WebRTC (an aiortc call, ``ws_audio`` None) or over ``/v1/realtime`` (``ws_audio``:
+    the file's appends). Returns the outcome, the events received and the send clock's
+    start (when the first sample left)."""
+    transport = "webrtc" if ws_audio is None else "ws"
+    outcome = CallOutcome(call, round(stagger_s * 1000, 1), transport)
     await asyncio.sleep(stagger_s)
-    track = TimedTrack(samples)
-    client = RealtimeClient(url, config.webrtc)
+    client: RealtimeClient | WsClient
+    clock: SendClock
+    if ws_audio is None:
+        track = TimedTrack(samples)
+        client, clock = RealtimeClient(url, config.webrtc), track
+        connect = client.connect(track)
+    else:
+        client = clock = WsClient(url, ws_audio)
+        connect = client.connect()
     audio_s = len(samples) / 16_000
     try:
         t0 = time.perf_counter()
-        await asyncio.wait_for(client.connect(track), CONNECT_TIMEOUT_S)
+        await asyncio.wait_for(connect, CONNECT_TIMEOUT_S)
         outcome.connect_ms = round((time.perf_counter() - t0) * 1000, 1)
         deadline = time.perf_counter() + audio_s + tail_s
-        if not await _wait_finals(client, track, audio_s, deadline):
+        if not await _wait_finals(client, clock, audio_s, deadline):
             outcome.error = f"not all finals within {audio_s + tail_s:.0f} s"
     except (TimeoutError, RuntimeError, OSError, aiohttp.ClientError) as exc:
         outcome.error = f"{type(exc).__name__}: {exc}"  # a failed call is a result, not a crash
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(client.close(), CLOSE_TIMEOUT_S)
-    outcome.max_send_lateness_ms = round(track.max_lateness_ms, 1)
-    return outcome, client, track.started_at
+    if isinstance(client, WsClient) and client.send_error and outcome.error is None:
+        outcome.error = f"append failed: {client.send_error}"
+    outcome.max_send_lateness_ms = round(clock.max_lateness_ms, 1)
+    return outcome, client.received, clock.started_at
 
 
 async def _wait_finals(
-    client: RealtimeClient, track: ArrayAudioTrack, audio_s: float, deadline: float
+    client: EventSource, clock: SendClock, audio_s: float, deadline: float
 ) -> bool:
     open_items: set[str] = set()
     while True:
         now = time.perf_counter()
-        started = track.started_at
+        started = clock.started_at
         if started is not None and now >= started + audio_s + SETTLE_AFTER_AUDIO_S:
             if not open_items:
                 return True
@@ -204,14 +388,14 @@ async def _wait_finals(
 
 def analyse_call(
     outcome: CallOutcome,
-    client: RealtimeClient,
+    received: list[ReceivedEvent],
     started_at: float | None,
     offline: list[OfflineUtterance],
     tolerance_ms: float,
 ) -> None:
     """Match finals to offline utterances and compute each one's latencies (into ``outcome``)."""
     items: dict[str, dict[str, Any]] = {}
-    for r in client.received:
+    for r in received:
         item_id = r.event.get("item_id")
         if item_id is None:
             continue
@@ -278,7 +462,31 @@ def analyse_call(
         "missing": len(offline) - len(used),
         "unmatched": len(finals) - len(matched),
         "empty": empty,
+        "error_events": sum(1 for r in received if r.type == "error"),
+        "out_of_turn": _out_of_turn(received),
     }
+    outcome.errors = [str(r.event.get("error")) for r in received if r.type == "error"][:5]
+
+
+def _out_of_turn(received: list[ReceivedEvent]) -> int:
+    """Events of an item that arrived while an earlier item (by ``speech_started``) had no
+    ``completed``/``failed`` yet: deltas and finals should come item by item."""
+    started: list[str] = []
+    done: set[str] = set()
+    bad = 0
+    for r in received:
+        item = r.event.get("item_id")
+        if item is None:
+            continue
+        item = str(item)
+        if r.type == "input_audio_buffer.speech_started":
+            started.append(item)
+        elif r.type in (f"{EV}.delta", f"{EV}.completed", f"{EV}.failed"):
+            earlier = started[: started.index(item)] if item in started else []
+            bad += any(e not in done for e in earlier)
+            if r.type != f"{EV}.delta":
+                done.add(item)
+    return bad
 
 
 def _online_end_ms(slot: dict[str, Any]) -> float | None:
@@ -308,28 +516,50 @@ async def run_phase(
     n_calls: int,
     repeat: int,
     args: argparse.Namespace,
+    transport: str = "webrtc",
 ) -> dict[str, Any]:
-    await wait_idle(server.url)
+    """``n_calls`` streams at once over ``transport`` (``webrtc``: aiortc calls; ``ws``:
+    ``/v1/realtime`` sockets), the server's CPU read around them; the phase's figures."""
+    # Sockets too: a run that alternates transports starts each phase on an idle server.
+    await wait_idle(server.url, sockets=True)
+    quiet: tuple[float, float] | None = None
+    if getattr(args, "quiet_pct", 0) > 0:  # a shared machine: start when others are quiet
+        quiet = await wait_quiet(args.quiet_pct, args.quiet_wait_s)
     rng = random.Random(f"{args.seed}:{n_calls}:{repeat}")
     staggers = [rng.uniform(0, args.stagger_ms / 1000) for _ in range(n_calls)]
     audio_s = len(samples) / 16_000
     tail_s = args.tail_timeout_s or 20 + 1.5 * n_calls * len(offline)
+    ws_audio = None
+    if transport == "ws":
+        ws_audio = WsAudio(samples, getattr(args, "ws_chunk_ms", 50))
     cpu0, own0, busy0 = server.cpu_seconds(), process_cpu_seconds(), system_busy_seconds()
     t0 = time.perf_counter()
-    coros = [run_call(server.url, config, samples, i, s, tail_s) for i, s in enumerate(staggers)]
+    coros = [
+        run_call(server.url, config, samples, i, s, tail_s, ws_audio)
+        for i, s in enumerate(staggers)
+    ]
     bound = CONNECT_TIMEOUT_S + audio_s + tail_s + CLOSE_TIMEOUT_S + 30
     results = await asyncio.wait_for(asyncio.gather(*coros), bound)
-    await wait_idle(server.url)
+    await wait_idle(server.url, sockets=True)
     cpu1, own1, busy1 = server.cpu_seconds(), process_cpu_seconds(), system_busy_seconds()
     wall = time.perf_counter() - t0
     calls = []
-    for outcome, client, started_at in results:
-        analyse_call(outcome, client, started_at, offline, args.match_tolerance_ms)
+    session: dict[str, Any] | None = None
+    for outcome, received, started_at in results:
+        analyse_call(outcome, received, started_at, offline, args.match_tolerance_ms)
         calls.append(outcome)
+        created = [r.event for r in received if r.type == "session.created"]
+        session = session or (created[0].get("session") if created else None)
     server_cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
     phase: dict[str, Any] = {
+        "transport": transport,
         "calls": n_calls,
         "repeat": repeat,
+        # --quiet-pct: seconds waited for the machine to quiet down, its busy % then.
+        "quiet_wait_s": None if quiet is None else quiet[0],
+        "busy_before_pct": None if quiet is None else quiet[1],
+        # ``session.created``'s session (format, turn detection), as the server announced it.
+        "session": session,
         "wall_s": round(wall, 2),
         "tail_timeout_s": tail_s,
         "server_cpu_s": None if server_cpu is None else round(server_cpu, 2),
@@ -348,7 +578,8 @@ async def run_phase(
     }
     s, c = phase["summary"]["end_to_final_ms"], phase["counts"]
     print(
-        f"  {n_calls} call(s), run {repeat}: {c['completed']}/{c['expected']} finals, "
+        f"  {transport} {n_calls} stream(s), run {repeat}: {c['completed']}/{c['expected']} "
+        f"finals, "
         f"failed {c['failed']}, missing {c['missing']}; end->final p50 {s['p50']} "
         f"p95 {s['p95']} ms; server CPU {phase['server_cpu_pct_per_call'] or '-'} %/call; "
         f"{wall:.1f} s",
@@ -371,7 +602,16 @@ def _engine_batches(records: list[dict[str, Any]], wall_s: float) -> dict[str, A
 
 
 def _total_counts(calls: list[CallOutcome]) -> dict[str, int]:
-    keys = ("expected", "completed", "failed", "missing", "unmatched", "empty")
+    keys = (
+        "expected",
+        "completed",
+        "failed",
+        "missing",
+        "unmatched",
+        "empty",
+        "error_events",
+        "out_of_turn",
+    )
     total = {k: sum(c.counts.get(k, 0) for c in calls) for k in keys}
     total["call_errors"] = sum(1 for c in calls if c.error)
     return total
@@ -392,7 +632,8 @@ def _beyond(latency: float, vad: float | None, engine: float | None) -> float | 
 
 
 SUMMARY_HEADERS = (
-    "calls",
+    "transport",
+    "streams",
     "n",
     "finals",
     "failed",
@@ -402,10 +643,22 @@ SUMMARY_HEADERS = (
     "onset → first delta",
     "end → final decode starts (audio)",
     "final − max(hangover, engine)",
-    "server CPU % core/call",
+    "server CPU % core/stream",
+)
+COMPARE_HEADERS = (
+    "transport",
+    "streams",
+    "runs",
+    "finals",
+    "end → completed p50 / p95",
+    "per-run p50",
+    "per-run p95",
+    "server CPU % core/stream",
+    "per run",
 )
 SPLIT_HEADERS = (
-    "calls",
+    "transport",
+    "streams",
     "→ speech_stopped",
     "VAD hangover",
     "queue",
@@ -416,11 +669,12 @@ SPLIT_HEADERS = (
 )
 SPLIT_METRICS = METRICS[3:9]  # end_to_stopped .. transport_other, in SPLIT_HEADERS order
 RUN_HEADERS = (
-    "calls",
+    "transport",
+    "streams",
     "run",
     "finals",
     "end → final p50 / p95",
-    "server CPU % core/call",
+    "server CPU % core/stream",
     "server load %",
     "bench CPU %",
     "other CPU %",
@@ -428,21 +682,25 @@ RUN_HEADERS = (
     "mean batch",
     "wall s",
     "max send lateness ms",
+    "errors / out of turn",
 )
 NOTES = (
     "Split of end of speech → final: *server* = end-of-speech decision → event sent (queue + "
     "engine + hand-off; shorter than *engine* when a speculative final started at the pause, "
     "before the decision); *transport/other* = client latency − VAD hangover − server "
-    "(RTP, jitter buffer, Opus decode, VAD backlog, SCTP, client event loop). *engine* is the "
-    "wall time of the whole batch the utterance ran in. *server CPU % core/call* = server process"
-    " CPU seconds / (calls × file seconds) × 100; *server load %* = its CPU seconds / wall "
+    "(WebRTC: RTP, jitter buffer, Opus decode, VAD backlog, SCTP, client event loop; WS: TCP, "
+    "base64 + resampling, VAD backlog, client event loop). *engine* is the wall time of the "
+    "whole batch the utterance ran in. *streams* = simultaneous WebRTC calls or /v1/realtime "
+    "sockets. *server CPU % core/stream* = server process"
+    " CPU seconds / (streams × file seconds) × 100; *server load %* = its CPU seconds / wall "
     "seconds of the run; *bench CPU %* = the same for this process (the clients); *other CPU %* ="
     " the rest of the machine's busy time meanwhile (other processes: noise); *end → final decode "
     "starts* = audio time from the end of speech to the pause that started the final's decode "
     "(the hangover when it was not speculative); *engine busy %* = "
     "summed wall times of the finals' batches (all lanes) / wall seconds of the run (interim "
     "decodes not included); *mean batch* = utterances per engine batch (items of one batch share "
-    "its ``engine_ms``)."
+    "its ``engine_ms``); *errors / out of turn* = ``error`` events received / events of an "
+    "item (delta, completed) that arrived before an earlier item's final (both expected 0)."
 )
 
 
@@ -451,11 +709,27 @@ def render(report: dict[str, Any]) -> str:
     load = machine["load_avg_1m"]
     engine = ", ".join(f"{k} {cfg['engine'][k]}" for k in ENGINE_KEYS if k in cfg["engine"])
     summary_rows, split_rows = [], []
-    for n, agg in report["by_calls"].items():
+    compare_rows = []
+    for agg in report["by_calls"].values():
         s, c = agg["summary"], agg["counts"]
         cpu = agg["server_cpu_pct_per_call"]
+        t, n = agg["transport"], agg["calls"]
+        compare_rows.append(
+            [
+                t,
+                n,
+                agg["runs"],
+                f"{c['completed']}/{c['expected']}",
+                _cell(s["end_to_final_ms"]),
+                ", ".join(f"{v:.0f}" for v in agg["run_p50"]),
+                ", ".join(f"{v:.0f}" for v in agg["run_p95"]),
+                "—" if cpu is None else f"{cpu:.1f}",
+                ", ".join(f"{v:.1f}" for v in agg["run_cpu_pct_per_call"]),
+            ]
+        )
         summary_rows.append(
             [
+                t,
                 n,
                 s["end_to_final_ms"]["n"],
                 f"{c['completed']}/{c['expected']}",
@@ -469,9 +743,12 @@ def render(report: dict[str, Any]) -> str:
                 "—" if cpu is None else f"{cpu:.1f}",
             ]
         )
-        split_rows.append([n, *(_cell(s[m]) for m in SPLIT_METRICS), _cell(s["end_to_final_ms"])])
+        split_rows.append(
+            [t, n, *(_cell(s[m]) for m in SPLIT_METRICS), _cell(s["end_to_final_ms"])]
+        )
     run_rows = [
         [
+            p.get("transport", "webrtc"),
             p["calls"],
             p["repeat"],
             f"{p['counts']['completed']}/{p['counts']['expected']}",
@@ -484,6 +761,7 @@ def render(report: dict[str, Any]) -> str:
             p["engine_mean_batch"],
             p["wall_s"],
             max(c["max_send_lateness_ms"] for c in p["call_results"]),
+            f"{p['counts'].get('error_events', 0)} / {p['counts'].get('out_of_turn', 0)}",
         ]
         for p in report["phases"]
     ]
@@ -491,6 +769,12 @@ def render(report: dict[str, Any]) -> str:
         f"by uniform 0–{args['stagger_ms']:.0f} ms (seed {args['seed']})"
         if args["stagger_ms"]
         else "not at all"
+    )
+    transports = " and ".join(dict.fromkeys(p.get("transport", "webrtc") for p in report["phases"]))
+    order = (
+        "; the transports alternate within each repetition (order flipped every other one)"
+        if args.get("transport") == "both"
+        else ""
     )
     lines = [
         "# Live-call latency (bench/latency.py)",
@@ -503,10 +787,25 @@ def render(report: dict[str, Any]) -> str:
         f"VAD {cfg['vad']['kind']} (threshold {cfg['vad']['threshold']}, "
         f"hangover {cfg['segmenter']['min_silence_ms']} ms)",
         f"- audio: {report['audio']['path']} ({report['audio']['seconds']} s, "
-        f"{len(report['offline'])} utterances offline); call starts staggered {stagger}; "
-        f"{args['repeat']} run(s) per call count",
+        f"{len(report['offline'])} utterances offline); stream starts staggered {stagger}; "
+        f"{args['repeat']} run(s) per stream count and transport",
+        *(
+            [
+                f"- each run started once the whole machine was at most {args['quiet_pct']:g} % "
+                f"busy over 1 s (waited up to {args['quiet_wait_s']:g} s; per run in the JSON)"
+            ]
+            if args.get("quiet_pct")
+            else []
+        ),
+        f"- transport: {transports}{order}; WS appends of "
+        f"{args.get('ws_chunk_ms', 50)} ms (pcm16, 24 kHz)",
         "",
-        "## Latency at the client (ms, p50 / p95, pooled over calls and runs)",
+        "## End of speech → `completed` by transport (ms; pooled p50 / p95 over streams and "
+        "runs, each run's p50 and p95; server CPU % of one core per stream, median of runs)",
+        "",
+        markdown_table(COMPARE_HEADERS, compare_rows),
+        "",
+        "## Latency at the client (ms, p50 / p95, pooled over streams and runs)",
         "",
         markdown_table(SUMMARY_HEADERS, summary_rows),
         "",
@@ -527,19 +826,28 @@ def _cell(s: dict[str, Any]) -> str:
     return "—" if s["p50"] is None else f"{s['p50']:.0f} / {s['p95']:.0f}"
 
 
-def aggregate(phases: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    out: dict[int, dict[str, Any]] = {}
-    for n in dict.fromkeys(p["calls"] for p in phases):
-        mine = [p for p in phases if p["calls"] == n]
+def aggregate(phases: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per transport and stream count (key ``"<transport> <streams>"``): counts and
+    percentiles pooled over runs, each run's p50 / p95 and CPU, the median CPU of the runs."""
+    out: dict[str, dict[str, Any]] = {}
+    keys = dict.fromkeys((p.get("transport", "webrtc"), p["calls"]) for p in phases)
+    for transport, n in sorted(keys, key=lambda k: (k[1], k[0])):
+        mine = [p for p in phases if (p.get("transport", "webrtc"), p["calls"]) == (transport, n)]
         records = [r for p in mine for c in p["call_results"] for r in c["records"]]
         cpus = [p["server_cpu_pct_per_call"] for p in mine]
         cpus = [c for c in cpus if c is not None]
         counts = {k: sum(p["counts"][k] for p in mine) for k in mine[0]["counts"]}
-        out[n] = {
+        runs = [p["summary"]["end_to_final_ms"] for p in mine]
+        out[f"{transport} {n}"] = {
+            "transport": transport,
+            "calls": n,
             "runs": len(mine),
             "counts": counts,
             "summary": _summaries(records),
-            "server_cpu_pct_per_call": round(sum(cpus) / len(cpus), 1) if cpus else None,
+            "run_p50": [r["p50"] for r in runs if r["p50"] is not None],
+            "run_p95": [r["p95"] for r in runs if r["p95"] is not None],
+            "run_cpu_pct_per_call": cpus,
+            "server_cpu_pct_per_call": round(float(np.median(cpus)), 1) if cpus else None,
         }
     return out
 
@@ -551,6 +859,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     restrict_host_addresses([LOOPBACK])  # before any peer exists: loopback candidates only
     load_before = os.getloadavg()[0]
     samples = read_audio(args.audio)
+    machine = machine_info()  # the commit the server starts from, not the one at the end
     with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp:
         port = args.port or free_port()
         config = loopback_config(args.config, port, Path(tmp) / "server.yaml", max(args.calls))
@@ -568,16 +877,19 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             engine = server.engine
             for n in args.calls:
                 for repeat in range(1, args.repeat + 1):
-                    phases.append(
-                        await run_phase(server, config, samples, offline, n, repeat, args)
-                    )
-                    await asyncio.sleep(args.settle_s)
+                    for transport in transport_order(args.transport, repeat):
+                        phases.append(
+                            await run_phase(
+                                server, config, samples, offline, n, repeat, args, transport
+                            )
+                        )
+                        await asyncio.sleep(args.settle_s)
     return {
         "benchmark": "latency",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": shlex.join([shown_path(Path(sys.executable)), *sys.argv]),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "machine": {**machine_info(), "load_avg_1m": [load_before, os.getloadavg()[0]]},
+        "machine": {**machine, "load_avg_1m": [load_before, os.getloadavg()[0]]},
         "server_mode": args.server,
         "engine": engine,
         "config": asdict(config),
@@ -588,11 +900,36 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def add_quiet_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quiet-pct",
+        type=float,
+        default=0.0,
+        help="before each run, wait until the whole machine's busy CPU over 1 s is at most "
+        "this %% of one core (a shared machine; default: 0 = do not wait)",
+    )
+    p.add_argument(
+        "--quiet-wait-s",
+        type=float,
+        default=120.0,
+        help="longest wait for --quiet-pct; the run then starts anyway (default: 120)",
+    )
+
+
+def transport_order(choice: str, repeat: int) -> tuple[str, ...]:
+    """The transports of one repetition: ``both`` alternates them, the first one flipping
+    every other repetition, so neither always runs on the warmer (or noisier) machine."""
+    if choice != "both":
+        return (choice,)
+    return TRANSPORTS if repeat % 2 else TRANSPORTS[::-1]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="End of speech -> final transcript over 1..N simultaneous aiortc calls, "
-        "all on 127.0.0.1. Prints a markdown table; saves JSON + markdown.",
-        epilog="example: .venv/bin/python bench/latency.py --calls 1 8 --repeat 2",
+        description="End of speech -> final transcript over 1..N simultaneous aiortc calls "
+        "or /v1/realtime WebSocket sessions, all on 127.0.0.1. Prints a markdown table; saves "
+        "JSON + markdown.",
+        epilog="example: .venv/bin/python bench/latency.py --transport both --calls 1 4 --repeat 2",
     )
     p.add_argument(
         "--audio",
@@ -601,9 +938,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="speech file to play (default: tests/data/beckett.wav)",
     )
     p.add_argument(
-        "--calls", type=int, nargs="+", default=[1], help="call counts, run in turn (default: 1)"
+        "--calls",
+        "--streams",
+        dest="calls",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="simultaneous streams (WebRTC calls or WS sessions), run in turn (default: 1)",
     )
-    p.add_argument("--repeat", type=int, default=1, help="runs per call count (default: 1)")
+    p.add_argument(
+        "--transport",
+        choices=(*TRANSPORTS, "both"),
+        default="webrtc",
+        help="webrtc (default): aiortc calls; ws: /v1/realtime?intent=transcription sockets "
+        "sending pcm16 24 kHz appends; both: the two alternate within each repetition",
+    )
+    p.add_argument(
+        "--ws-chunk-ms",
+        type=int,
+        default=50,
+        help="audio per input_audio_buffer.append over the WS (default: 50)",
+    )
+    p.add_argument(
+        "--repeat", type=int, default=1, help="runs per stream count and transport (default: 1)"
+    )
     p.add_argument(
         "--server",
         choices=("subprocess", "inprocess"),
@@ -639,6 +997,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "matched to (default: 400)",
     )
     p.add_argument("--settle-s", type=float, default=1.0, help="pause between runs (default: 1)")
+    add_quiet_args(p)
     p.add_argument(
         "--out-dir",
         type=Path,
@@ -649,6 +1008,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if min(args.calls) < 1 or args.repeat < 1:
         p.error("--calls and --repeat must be >= 1")
+    if not 10 <= args.ws_chunk_ms <= 1000:
+        p.error("--ws-chunk-ms must be within 10..1000")
     if not args.audio.is_file():
         p.error(f"no such file: {args.audio}")
     return args

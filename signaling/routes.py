@@ -377,7 +377,8 @@ async def page_config(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    return web.json_response({"status": "ok", "calls": len(state.calls)})
+    # Every live session, whatever its transport: the same count as max_calls and /metrics.
+    return web.json_response({"status": "ok", "calls": state.live_sessions})
 
 
 async def readyz(request: web.Request) -> web.Response:

@@ -507,6 +507,8 @@ async def test_sockets_and_webrtc_calls_share_max_calls() -> None:
                     await open_socket(http, server)
                 assert refused.value.status == 503
                 assert server.state.live_sessions == 2
+                async with http.get(f"{server.url}/healthz") as resp:
+                    assert (await resp.json())["calls"] == 2
             await sock.close()
         await wait_for(lambda: server.state.live_sessions == 0, 10)
     finally:
