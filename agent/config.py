@@ -15,6 +15,7 @@ import ipaddress
 import os
 import types
 import typing
+import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,6 +287,65 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class TelephonyConfig:
+    """Phone calls through Twilio Media Streams (``/v1/twilio/*``, ``/v1/calls/*``)."""
+
+    #: The Twilio account's Auth Token: when set, the media stream's upgrade and the TwiML
+    #: webhook must carry a valid ``X-Twilio-Signature`` (else 403). Best set from the
+    #: environment: ``VOXTRAL_RTC_TELEPHONY__TWILIO_AUTH_TOKEN``.
+    twilio_auth_token: str = ""
+    #: The server's address as Twilio reaches it (``https://voice.example.com``), when a
+    #: proxy stands between them: the TwiML's stream URL and the URLs signatures are
+    #: checked against. Empty: the request's own ``Host``.
+    public_url: str = ""
+    #: TwiML that ``POST /v1/twilio/voice`` answers after its ``<Start><Stream>``: what the
+    #: call does while it is transcribed (``<Dial>+15551234567</Dial>``, a ``<Say>``...).
+    twiml_after_start: str = '<Pause length="60"/>'
+    #: A ``media`` before ``start``, or no ``start`` within this many seconds, ends a stream.
+    start_timeout_s: float = 5.0
+    #: Each ``completed`` of a phone call is POSTed here as JSON; empty = no webhook.
+    webhook_url: str = ""
+    #: Completed events waiting for the webhook; the oldest is dropped beyond this.
+    webhook_queue: int = 1000
+    #: Further tries of a POST that fails (connection error, 5xx, 429), backing off.
+    webhook_retries: int = 3
+    #: Subscribers (``GET /v1/calls/{callSid}/events``) one call accepts at once.
+    max_subscribers: int = 8
+
+    def validate(self) -> None:
+        if self.public_url:
+            rest = self.public_url.split("://", 1)[-1]
+            _check(
+                self.public_url.startswith(("http://", "https://"))
+                and bool(rest)
+                and not any(c in rest for c in "/?#@"),
+                "telephony.public_url",
+                f"must be an origin like https://voice.example.com (no path), got "
+                f"{self.public_url!r}",
+            )
+        if self.webhook_url:
+            _check(
+                self.webhook_url.startswith(("http://", "https://")),
+                "telephony.webhook_url",
+                f"must be an http:// or https:// URL, got {self.webhook_url!r}",
+            )
+        _check(_is_twiml(self.twiml_after_start), "telephony.twiml_after_start", "must be TwiML")
+        _check(0 < self.start_timeout_s <= 60, "telephony.start_timeout_s", "must be in (0, 60]")
+        _check(self.webhook_queue >= 1, "telephony.webhook_queue", "must be >= 1")
+        _check(0 <= self.webhook_retries <= 10, "telephony.webhook_retries", "must be 0..10")
+        _check(1 <= self.max_subscribers <= 256, "telephony.max_subscribers", "must be 1..256")
+
+
+def _is_twiml(fragment: str) -> bool:
+    """Whether ``fragment`` is well-formed XML inside ``<Response>`` (verbs, or nothing)."""
+    try:
+        ET.fromstring(f"<Response>{fragment}</Response>")
+    except ET.ParseError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -303,6 +363,7 @@ class Config:
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    telephony: TelephonyConfig = field(default_factory=TelephonyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> None:

@@ -31,7 +31,8 @@ class EventSink(ABC):
         #: rather than read back: the memory held is bounded whatever the transport reports.
         self._unread = 0
 
-    def send(self, text: str, droppable: bool) -> Outcome:
+    def send(self, text: str, droppable: bool, type_: str = "") -> Outcome:
+        """Hand on one event's JSON ``text`` (of type ``type_``), or say why not."""
         if not self.is_open():
             return "closed"
         if self.buffered_amount() <= self.limit:
@@ -42,8 +43,13 @@ class EventSink(ABC):
             self._unread += len(text.encode())
             if self._unread > (HARD_FACTOR - 1) * self.limit:
                 return "overflow"
-        self._write(text)
+        self._write_event(text, type_)
         return "sent"
+
+    def _write_event(self, text: str, type_: str) -> None:
+        """``_write``, for a sink that also needs the event's type (one that routes events
+        by it, as a phone call's hub does) without parsing the JSON again."""
+        self._write(text)
 
     @abstractmethod
     def is_open(self) -> bool:

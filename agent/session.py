@@ -5,7 +5,8 @@ inbound queue (audio chunks, client messages, end; in arrival order) -> ``Speech
 batched) -> OpenAI Realtime events -> the transport's ``EventSink``.
 
 No transport here: ``agent.transports.webrtc`` feeds it from an aiortc track and data channel,
-``agent.transports.websocket`` from ``/v1/realtime`` messages. A transport puts what arrives
+``agent.transports.websocket`` from ``/v1/realtime`` messages, ``agent.transports.twilio``
+from one track of a Twilio Media Stream. A transport puts what arrives
 on the session's one inbound queue, so client events are handled strictly in the order they
 came, between the audio before and after them (a ``session.update`` sent after a ``commit``
 cannot change that commit's decode), and it hands the session a sink for its events.
@@ -31,7 +32,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -124,13 +125,16 @@ Inbound = AudioIn | MessageIn | EndIn
 class Carriage:
     """How a transport carries a session's audio, for the session to describe and check."""
 
-    #: ``webrtc`` or ``websocket`` (logs).
+    #: ``webrtc``, ``websocket`` or ``twilio`` (logs).
     transport: str
     #: The format of ``input_audio_buffer.append`` audio; ``None``: audio comes on a media
     #: track (Opus) and appends are refused.
     input_format: InputFormat | None
     #: Largest client message accepted, in bytes.
     max_message_bytes: int = events.MAX_CLIENT_MESSAGE
+    #: Fields added to every event the session sends, and to its log records (a phone
+    #: call's ``call_sid`` and ``track``: its subscribers hear several sessions at once).
+    event_fields: Mapping[str, str] = field(default_factory=dict)
 
 
 class TranscriptionSession:
@@ -153,7 +157,7 @@ class TranscriptionSession:
         self._stop_input = stop_input
         self._on_closed = on_closed
         self._observer = deps.observer
-        self._log = logging.LoggerAdapter(log, {"call_id": self.id})
+        self._log = logging.LoggerAdapter(log, {**carriage.event_fields, "call_id": self.id})
         self._options = SegmenterOptions.from_config(deps.config.vad, deps.config.segmenter)
         self._detector = SpeechDetector(
             deps.vad.stream(),
@@ -168,7 +172,8 @@ class TranscriptionSession:
         self._items.deltas = deps.config.engine.interim_interval_ms > 0
         self._items.speculative = deps.config.engine.speculative_final
         self._sink: EventSink | None = None
-        self._outbox: deque[str] = deque(maxlen=deps.config.limits.event_queue)
+        #: Events (JSON text, type) sent before a sink is attached.
+        self._outbox: deque[tuple[str, str]] = deque(maxlen=deps.config.limits.event_queue)
         self._inbox: asyncio.Queue[Inbound] = asyncio.Queue()
         #: Bytes waiting on the inbound queue, and a flag set whenever there is room again.
         self._inbox_bytes = 0
@@ -200,7 +205,8 @@ class TranscriptionSession:
         """Events go to ``sink`` from now on, those queued before it first."""
         self._sink = sink
         while self._outbox:
-            sink.send(self._outbox.popleft(), droppable=False)
+            text, type_ = self._outbox.popleft()
+            sink.send(text, droppable=False, type_=type_)
 
     def stop(self, reason: str) -> None:
         """End the session from within: the transport stops its input, which then ends.
@@ -476,15 +482,17 @@ class TranscriptionSession:
     # -- events out ------------------------------------------------------------------------
 
     def _send(self, event: events.Event) -> None:
+        if self.carriage.event_fields:
+            event.update(self.carriage.event_fields)
         text = json.dumps(event, ensure_ascii=False)
         sink = self._sink
         if sink is None:
             if len(self._outbox) == self._outbox.maxlen:
                 self.dropped_events += 1  # oldest goes: the newest state matters most
                 self._observer.event_dropped("outbox_full")
-            self._outbox.append(text)
+            self._outbox.append((text, event["type"]))
             return
-        outcome = sink.send(text, droppable=event["type"] in DROPPABLE)
+        outcome = sink.send(text, droppable=event["type"] in DROPPABLE, type_=event["type"])
         if outcome in ("dropped", "overflow"):
             self.dropped_events += 1
             self._observer.event_dropped("backpressure")

@@ -110,7 +110,7 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key in ("call_id", "item_id"):
+        for key in ("call_id", "item_id", "call_sid", "track"):
             if hasattr(record, key):
                 out[key] = getattr(record, key)
         if record.exc_info:

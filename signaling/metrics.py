@@ -15,6 +15,9 @@ the engine worker already count is read at scrape time by ``_LiveCollector``. Na
 - ``voxtral_rtc_audio_lag_seconds`` (histogram: how far behind real time each chunk of call
   audio is when the VAD has processed it; late frames show here first under CPU overload)
 - ``voxtral_rtc_events_dropped_total{reason}``
+- ``voxtral_rtc_twilio_streams_total``, ``voxtral_rtc_webhook_events_total{outcome}``
+  (``delivered``, ``failed``, ``dropped``); a call's SID is in the logs, never a label (one
+  series per phone call would grow without bound)
 - ``voxtral_rtc_errors_total{source, code}``: ``source`` is ``transcription`` (failed
   finals), ``protocol`` (refused data-channel messages) or ``http`` (JSON error answers)
 """
@@ -77,6 +80,17 @@ class ServerMetrics(CallObserver):
         self.errors = Counter(
             "voxtral_rtc_errors", "Errors by source and code.", ["source", "code"], registry=r
         )
+        self.twilio_streams = Counter(
+            "voxtral_rtc_twilio_streams",
+            "Twilio media streams accepted (each of their tracks is also a call).",
+            registry=r,
+        )
+        self.webhook_events = Counter(
+            "voxtral_rtc_webhook_events",
+            "Phone-call completed events for telephony.webhook_url, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
         r.register(_LiveCollector(calls, worker))
 
     def render(self) -> bytes:
@@ -84,6 +98,9 @@ class ServerMetrics(CallObserver):
 
     def observe_batch(self, priority: Priority, size: int, seconds: float) -> None:
         self.engine_batch.labels(priority.name.lower()).observe(seconds)
+
+    def webhook_outcome(self, outcome: str) -> None:
+        self.webhook_events.labels(outcome).inc()
 
     def http_error(self, code: str) -> None:
         self.errors.labels("http", code).inc()

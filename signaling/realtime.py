@@ -46,12 +46,12 @@ async def realtime(request: web.Request) -> web.StreamResponse:
             "invalid_intent",
             "this server runs transcription sessions only: connect with ?intent=transcription",
         )
-    _check_origin(request, state.config.server.cors_origins)
+    check_origin(request, state.config.server.cors_origins)
     state.require_ready()
     # Reserved before the first await: a burst of upgrades cannot get past max_calls.
     with state.call_slot():
         ws = web.WebSocketResponse(
-            protocols=_protocols(request),
+            protocols=answer_protocols(request),
             heartbeat=HEARTBEAT_S,
             max_msg_size=state.config.limits.ws_max_message_bytes,
             # Appends are small and numerous; compressing them costs CPU for nothing.
@@ -76,7 +76,7 @@ async def realtime(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-def _protocols(request: web.Request) -> tuple[str, ...]:
+def answer_protocols(request: web.Request) -> tuple[str, ...]:
     """The subprotocol to answer with: ``realtime`` if offered, else the first offered that
     is not the token (a browser fails a connection whose offered protocols all go
     unanswered; echoing the token back would put it in another header)."""
@@ -89,7 +89,7 @@ def _protocols(request: web.Request) -> tuple[str, ...]:
     return tuple(plain[:1]) or tuple(offered[:1])
 
 
-def _check_origin(request: web.Request, allowed: tuple[str, ...]) -> None:
+def check_origin(request: web.Request, allowed: tuple[str, ...]) -> None:
     """A page may open the socket from this server's own origin or a listed one. No
     ``Origin`` (SDKs, servers) is not a browser: the token alone decides."""
     origin = request.headers.get("Origin")

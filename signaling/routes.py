@@ -28,6 +28,7 @@ from signaling.ratelimit import TokenBucketLimiter
 from signaling.realtime import setup_realtime_routes
 from signaling.state import STATE, CallRecord, ServerState
 from signaling.transcriptions import setup_transcription_routes
+from signaling.twilio import setup_twilio_routes
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ def setup_routes(app: web.Application, config: Config) -> None:
     app.router.add_get("/metrics", metrics)
     setup_transcription_routes(app)
     setup_realtime_routes(app)
+    setup_twilio_routes(app)
     web_path = config.server.web_path
     if web_path.is_dir():
         # Only the page's own files, by exact name: no directory walking, and /api/* paths

@@ -7,6 +7,8 @@
   secret, and orchestrators probe them without credentials.
 - WebSockets (``/v1/realtime``): browsers cannot set headers on them, so the token may also
   come as the subprotocol ``openai-insecure-api-key.<token>``, as OpenAI accepts it.
+- ``/v1/twilio/media-stream`` and ``/v1/twilio/voice`` are checked by their routes
+  (``signaling.twilio_auth``): Twilio's signature, or a token where Twilio can carry one.
 - ``server.cors_origins``: pages served from these origins may call ``/api/*`` and ``/v1/*``
   (``*`` = any origin). Only a listed origin gets ``Access-Control-Allow-Origin``; a
   preflight (``OPTIONS``) from any other origin gets ``403``. Empty = same origin only.
@@ -24,6 +26,9 @@ from signaling.errors import ApiError, Handler
 
 #: Paths behind the token (when tokens are configured).
 AUTH_PREFIXES = ("/api/", "/v1/", "/metrics")
+#: Paths whose routes check who calls them themselves (``signaling.twilio_auth``): Twilio
+#: cannot send our bearer token, it signs its requests or brings the token another way.
+SELF_AUTHENTICATED = frozenset({"/v1/twilio/media-stream", "/v1/twilio/voice"})
 #: Paths a page from another origin may call (when listed in ``server.cors_origins``).
 CORS_PREFIXES = ("/api/", "/v1/")
 ALLOW_METHODS = "GET, POST, PATCH, OPTIONS"
@@ -78,7 +83,11 @@ class Security:
             path = request.path
             if request.method == "OPTIONS" and path.startswith(CORS_PREFIXES):
                 return self._preflight(request)
-            if self.auth_required and path.startswith(AUTH_PREFIXES):
+            if (
+                self.auth_required
+                and path.startswith(AUTH_PREFIXES)
+                and path not in SELF_AUTHENTICATED
+            ):
                 header = request.headers.get("Authorization") or _protocol_token(request)
                 if not self.token_ok(header):
                     challenge = 'Bearer realm="voxtral-rtc"'

@@ -17,17 +17,20 @@ from typing import Literal
 
 from aiohttp import web
 
+from agent.call_hub import CallHub
 from agent.config import Config
 from agent.engines.base import Engine
 from agent.engines.worker import EngineWorker
 from agent.errors import EngineLoadError
 from agent.session import SessionDeps
+from agent.transports.twilio import TwilioStream
 from agent.transports.webrtc import WebRtcCall
 from agent.transports.websocket import RealtimeSocket
 from agent.vad import Vad, create_vad
 from signaling.errors import ApiError
 from signaling.metrics import ServerMetrics
 from signaling.ratelimit import TokenBucketLimiter
+from signaling.webhook_sender import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,12 @@ class ServerState:
     calls: dict[str, WebRtcCall] = field(default_factory=dict)
     #: ``/v1/realtime`` WebSocket sessions, by session id.
     sockets: dict[str, RealtimeSocket] = field(default_factory=dict)
+    #: Twilio media streams, by stream id (each holds one call slot per track).
+    twilio_streams: dict[str, TwilioStream] = field(default_factory=dict)
+    #: The events of each phone call with a stream running, by call SID.
+    hubs: dict[str, CallHub] = field(default_factory=dict)
+    #: ``telephony.webhook_url``'s queue; ``None`` without one.
+    webhook: WebhookSender | None = field(init=False)
     #: One per ``pc_id`` in ``calls``; a restart hands its record on to the new peer.
     records: dict[str, CallRecord] = field(default_factory=dict)
     #: Call slots held by offers still being answered (they count against ``max_calls``).
@@ -85,6 +94,12 @@ class ServerState:
         self.offer_limiter = TokenBucketLimiter(per_minute) if per_minute else None
         per_minute = self.config.limits.patches_per_minute_per_ip
         self.patch_limiter = TokenBucketLimiter(per_minute) if per_minute else None
+        telephony = self.config.telephony
+        self.webhook = (
+            WebhookSender(telephony, self.metrics.webhook_outcome)
+            if telephony.webhook_url
+            else None
+        )
 
     async def load(self, engine: Engine | None = None) -> None:
         """Load the VAD and the engine (or use ``engine``), warm up, become ready."""
@@ -151,8 +166,10 @@ class ServerState:
 
     @property
     def live_sessions(self) -> int:
-        """Calls and WebSocket sessions: both count against ``limits.max_calls``."""
-        return len(self.calls) + len(self.sockets)
+        """Calls, WebSocket sessions and Twilio tracks: all count against
+        ``limits.max_calls``."""
+        streams = sum(s.weight for s in self.twilio_streams.values())
+        return len(self.calls) + len(self.sockets) + streams
 
     def add_socket(self, socket: RealtimeSocket) -> None:
         self.sockets[socket.id] = socket
@@ -167,6 +184,9 @@ class ServerState:
                 del self.calls[pc_id]
                 self.records.pop(pc_id, None)
 
+    def _sessions(self) -> list[WebRtcCall | RealtimeSocket | TwilioStream]:
+        return [*self.calls.values(), *self.sockets.values(), *self.twilio_streams.values()]
+
     async def drain(self, grace_s: float) -> None:
         """Graceful stop (SIGTERM): refuse new calls, give the open ones ``grace_s`` to
         finish their utterances (their ``completed`` still reaches the client) before they
@@ -174,7 +194,7 @@ class ServerState:
         self.status = "stopping"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
-        sessions: list[WebRtcCall | RealtimeSocket] = [*self.calls.values(), *self.sockets.values()]
+        sessions = self._sessions()
         log.info("draining: %d session(s), up to %.1f s", len(sessions), grace_s)
         if sessions:
             await asyncio.gather(*(s.close("server_shutdown", grace_s) for s in sessions))
@@ -187,9 +207,11 @@ class ServerState:
             self.load_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.load_task
-        sessions: list[WebRtcCall | RealtimeSocket] = [*self.calls.values(), *self.sockets.values()]
+        sessions = self._sessions()
         if sessions:
             await asyncio.gather(*(s.close("server_shutdown") for s in sessions))
+        if self.webhook is not None:
+            await self.webhook.close()  # after the calls: their last completed are queued
         if self.worker is not None:
             await self.worker.close()
         self.executor.shutdown(wait=True)

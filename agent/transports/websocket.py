@@ -21,8 +21,9 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from agent.audio_formats import PCM16_24K
 from agent.event_sink import EventSink
@@ -161,16 +162,9 @@ class RealtimeSocket:
         idle_s = self._config.audio.idle_timeout_s
         try:
             while True:
-                receive = asyncio.ensure_future(self.ws.receive())
-                done, _ = await asyncio.wait(
-                    {receive, stop}, timeout=idle_s, return_when=asyncio.FIRST_COMPLETED
-                )
-                if receive not in done:
-                    receive.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await receive
+                msg = await receive_until(self.ws, stop, idle_s)
+                if msg is None:
                     return "stopped" if stop.done() else "idle_timeout"
-                msg = receive.result()
                 if msg.type == WSMsgType.TEXT:
                     if not self.session.put_message(msg.data):
                         limit = self._config.limits.input_buffer_bytes
@@ -194,3 +188,20 @@ class RealtimeSocket:
                     return "client_gone"
         finally:
             stop.cancel()
+
+
+async def receive_until(
+    ws: web.WebSocketResponse, stop: asyncio.Future[Any], timeout_s: float
+) -> WSMessage | None:
+    """The socket's next message, or ``None`` if ``stop`` is done or ``timeout_s`` passes
+    first (the pending receive is then cancelled: aiohttp allows one reader at a time)."""
+    receive = asyncio.ensure_future(ws.receive())
+    done, _ = await asyncio.wait(
+        {receive, stop}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+    )
+    if receive in done:
+        return receive.result()
+    receive.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await receive
+    return None
