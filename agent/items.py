@@ -279,57 +279,46 @@ class ItemPipeline:
         audio_s: float,
     ) -> None:
         try:
-            await self._final(item, final, timings, decided_at, speculative, audio_s)
+            done, _ = await asyncio.wait({final}, timeout=LAG_NOTICE_S)
+            lag_ms = self._worker.lag_ms()
+            if not done and lag_ms >= LAG_NOTICE_S * 1000:
+                # Not held behind earlier items: it says the engine is late, not what was said.
+                self._send(engine_lag(item.item_id, lag_ms, self._worker.queue_depth))
+            try:
+                result = await final
+            except EngineError as exc:
+                log.warning(
+                    "call %s item %s: transcription failed (%s)",
+                    self._call_id,
+                    item.item_id,
+                    exc.code,
+                    extra={"call_id": self._call_id, "item_id": item.item_id},
+                )
+                self._observer.transcription_failed(exc.code)
+                self._emit(item, events.transcription_failed(item.item_id, exc.code, str(exc)))
+                return
+            tail = item.agreement.finish(result.text) if self.deltas else ""
+            if tail:
+                self._emit(item, events.transcription_delta(item.item_id, tail))
+            timings.update(
+                queue_ms=result.queue_ms,
+                engine_ms=result.engine_ms,
+                # From the end-of-speech decision to this event leaving the server.
+                server_ms=(time.perf_counter() - decided_at) * 1000,
+            )
+            completed = events.transcription_completed(
+                item.item_id,
+                result.text,
+                timings,
+                result.language,
+                speculative=speculative,
+                audio_s=audio_s,
+            )
+            completed["lag_ms"] = round(self._worker.lag_ms(), 1)
+            self._emit(item, completed)
+            self._observer.final_completed((timings["vad_ms"] + timings["server_ms"]) / 1000)
         finally:
             self._finished(item)
-
-    async def _final(
-        self,
-        item: _Item,
-        final: asyncio.Task[Transcription],
-        timings: dict[str, float],
-        decided_at: float,
-        speculative: bool,
-        audio_s: float,
-    ) -> None:
-        done, _ = await asyncio.wait({final}, timeout=LAG_NOTICE_S)
-        lag_ms = self._worker.lag_ms()
-        if not done and lag_ms >= LAG_NOTICE_S * 1000:
-            # Not held behind earlier items: it says the engine is late, not what was said.
-            self._send(engine_lag(item.item_id, lag_ms, self._worker.queue_depth))
-        try:
-            result = await final
-        except EngineError as exc:
-            log.warning(
-                "call %s item %s: transcription failed (%s)",
-                self._call_id,
-                item.item_id,
-                exc.code,
-                extra={"call_id": self._call_id, "item_id": item.item_id},
-            )
-            self._observer.transcription_failed(exc.code)
-            self._emit(item, events.transcription_failed(item.item_id, exc.code, str(exc)))
-            return
-        tail = item.agreement.finish(result.text) if self.deltas else ""
-        if tail:
-            self._emit(item, events.transcription_delta(item.item_id, tail))
-        timings.update(
-            queue_ms=result.queue_ms,
-            engine_ms=result.engine_ms,
-            # From the end-of-speech decision to this event leaving the server.
-            server_ms=(time.perf_counter() - decided_at) * 1000,
-        )
-        completed = events.transcription_completed(
-            item.item_id,
-            result.text,
-            timings,
-            result.language,
-            speculative=speculative,
-            audio_s=audio_s,
-        )
-        completed["lag_ms"] = round(self._worker.lag_ms(), 1)
-        self._emit(item, completed)
-        self._observer.final_completed((timings["vad_ms"] + timings["server_ms"]) / 1000)
 
 
 def _running(task: asyncio.Task[Any] | None) -> bool:

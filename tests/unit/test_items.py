@@ -251,3 +251,66 @@ async def test_no_interim_while_a_withdrawn_decode_still_runs() -> None:
         h.items.handle([InterimDue(0, ms(1500))])
         await h.settle()
         assert engine.decoded == [500, 1000, 1500]
+
+
+class HeldFinal(Engine):
+    """Answers by audio length like ``Scripted``, at once, except audio of ``hold_ms``,
+    which waits for ``release`` (a final the engine is slow on)."""
+
+    name = "held-final"
+    max_lanes = 3
+
+    def __init__(self, texts: dict[int, str], hold_ms: int) -> None:
+        import threading
+
+        self.texts = texts
+        self.hold_ms = hold_ms
+        self.release = threading.Event()
+
+    def warmup(self) -> None:
+        pass
+
+    def transcribe(self, batch: Sequence[EngineRequest]) -> list[EngineResult]:
+        out = []
+        for r in batch:
+            n = len(r.audio) // 16
+            if n == self.hold_ms:
+                assert self.release.wait(10), "the test never released the held final"
+            out.append(EngineResult(self.texts.get(n, f"?{n}")))
+        return out
+
+
+async def test_items_speak_in_turn() -> None:
+    """The next item's deltas wait for the last item's ``completed`` (a client keeping one
+    running string must never see them mixed), then go out in order; audio events do not
+    wait."""
+    texts = {1000: "ever tried", 400: "try again", 600: "try again fail", 800: "try again"}
+    engine = HeldFinal(texts, hold_ms=1000)
+    # Three lanes: the held final takes one; an interim always finds another free.
+    async with pipeline(engine, lanes=3) as h:
+        h.items.deltas = True
+        h.items.handle([SpeechStarted(0, 0), Utterance(0, ms(1000), 0, 0, 1000, "silence")])
+        h.items.handle([SpeechStarted(1, 1500)])
+        for n in (400, 600):  # two hypotheses agree on "try again": a delta is due
+            h.items.handle([InterimDue(1, ms(n))])
+            await asyncio.sleep(0)
+            while any(not t.done() for t in h.tasks if t is h.items._open[1].interim):
+                await asyncio.sleep(0.01)
+        first, second = h.items._turns[0].item_id, h.items._turns[1].item_id
+        # Item 1 has its delta ready, but item 0 has not completed: nothing of item 1 yet.
+        assert [e for e in h.sent if e.get("item_id") == second and e["type"] == DELTA] == []
+        assert h.types().count("speech_started") == 2  # audio events are not held
+        engine.release.set()
+        h.items.handle([Utterance(1, ms(800), 1500, 1500, 2300, "silence")])
+        await h.settle()
+        order = [
+            (e["type"].rsplit(".", 1)[-1], e["item_id"])
+            for e in h.sent
+            if e["type"] in (DELTA, COMPLETED)
+        ]
+        assert order.index(("completed", first)) < order.index(("delta", second)), order
+        deltas = "".join(
+            e["delta"] for e in h.sent if e["type"] == DELTA and e["item_id"] == second
+        )
+        assert deltas.strip() == "try again"
+        assert order[-1] == ("completed", second)
