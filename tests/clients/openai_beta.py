@@ -22,10 +22,8 @@ import sys
 from typing import Any
 
 from _common import base_arguments, emit, encode, paced, read_wav, silence
-from openai import AsyncOpenAI, OpenAIError
-
-COMPLETED = "conversation.item.input_audio_transcription.completed"
-FAILED = "conversation.item.input_audio_transcription.failed"
+from _openai_conversation import converse
+from openai import AsyncOpenAI
 
 
 async def main() -> int:
@@ -59,57 +57,22 @@ async def main() -> int:
             "silence_duration_ms": args.silence_ms,
         },
     }
-    finals = 0
-    try:
-        async with asyncio.timeout(args.timeout):
-            async with client.beta.realtime.connect(
-                model=args.model, extra_query=extra_query
-            ) as conn:
-                emit({"driver": "connected"})
-                await conn.transcription_session.update(session=session)  # type: ignore[arg-type]
 
-                async def send() -> None:
-                    async for chunk, _ in paced(audio, bytes_per_s, args.chunk_ms):
-                        await conn.input_audio_buffer.append(
-                            audio=base64.b64encode(chunk).decode("ascii")
-                        )
-                    emit({"driver": "audio_done"})
+    async def configure(conn: Any) -> None:
+        await conn.transcription_session.update(session=session)
 
-                sender = asyncio.create_task(send())
-                try:
-                    async for event in conn:
-                        record: dict[str, Any] = {
-                            "event": event.to_dict(),
-                            "sdk_class": type(event).__name__,
-                        }
-                        if event.type == COMPLETED:
-                            record["sdk_transcript"] = event.transcript  # type: ignore[union-attr]
-                        emit(record)
-                        if event.type in (COMPLETED, FAILED):
-                            finals += 1
-                            if finals >= args.expect:
-                                break
-                finally:
-                    sender.cancel()
-                    await asyncio.gather(sender, return_exceptions=True)
-    except TimeoutError:
-        emit({"driver": "timeout", "finals": finals})
-        return 3
-    except (OpenAIError, OSError) as exc:
-        emit({"driver": "error", "kind": type(exc).__name__, "message": str(exc)})
-        return 2
-    except Exception as exc:  # websockets' InvalidStatus for a refused upgrade, and the like
-        emit(
-            {
-                "driver": "error",
-                "kind": type(exc).__name__,
-                "message": str(exc),
-                "status": getattr(getattr(exc, "response", None), "status_code", None),
-            }
-        )
-        return 2
-    emit({"driver": "done", "finals": finals})
-    return 0
+    async def send(conn: Any) -> None:
+        async for chunk, _ in paced(audio, bytes_per_s, args.chunk_ms):
+            await conn.input_audio_buffer.append(audio=base64.b64encode(chunk).decode("ascii"))
+        emit({"driver": "audio_done"})
+
+    return await converse(
+        lambda: client.beta.realtime.connect(model=args.model, extra_query=extra_query),
+        configure,
+        send,
+        args.expect,
+        args.timeout,
+    )
 
 
 if __name__ == "__main__":

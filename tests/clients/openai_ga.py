@@ -20,10 +20,8 @@ import sys
 from typing import Any
 
 from _common import base_arguments, emit, encode, paced, read_wav, silence
-from openai import AsyncOpenAI, OpenAIError
-
-COMPLETED = "conversation.item.input_audio_transcription.completed"
-FAILED = "conversation.item.input_audio_transcription.failed"
+from _openai_conversation import converse
+from openai import AsyncOpenAI
 
 
 def session_config(args: Any) -> dict[str, Any]:
@@ -77,67 +75,27 @@ async def main() -> int:
     connect_kwargs: dict[str, Any] = {"extra_query": {"intent": "transcription"}}
     if args.model_in_url:
         connect_kwargs["model"] = args.model
-    finals = 0
-    try:
-        async with asyncio.timeout(args.timeout):
-            async with client.realtime.connect(**connect_kwargs) as conn:
-                emit({"driver": "connected"})
-                await conn.session.update(session=session_config(args))  # type: ignore[arg-type]
 
-                async def send() -> None:
-                    pending = list(commits)
-                    async for chunk, at in paced(audio, bytes_per_s, args.chunk_ms):
-                        await conn.input_audio_buffer.append(
-                            audio=base64.b64encode(chunk).decode("ascii")
-                        )
-                        while pending and at >= pending[0]:
-                            pending.pop(0)
-                            await conn.input_audio_buffer.commit()
-                            emit({"driver": "commit", "audio_s": round(at, 3)})
-                    emit({"driver": "audio_done"})
+    async def configure(conn: Any) -> None:
+        await conn.session.update(session=session_config(args))
 
-                sender = asyncio.create_task(send())
-                try:
-                    async for event in conn:
-                        record: dict[str, Any] = {
-                            "event": event.to_dict(),
-                            "sdk_class": type(event).__name__,
-                        }
-                        session = getattr(event, "session", None)
-                        if session is not None:
-                            record["sdk_session_class"] = type(session).__name__
-                        if event.type == COMPLETED:
-                            # What an application reads, through the SDK's model.
-                            usage = getattr(event, "usage", None)
-                            record["sdk_transcript"] = event.transcript  # type: ignore[union-attr]
-                            record["sdk_usage_type"] = getattr(usage, "type", None)
-                            record["sdk_usage_seconds"] = getattr(usage, "seconds", None)
-                        emit(record)
-                        if event.type in (COMPLETED, FAILED):
-                            finals += 1
-                            if finals >= args.expect:
-                                break
-                finally:
-                    sender.cancel()
-                    await asyncio.gather(sender, return_exceptions=True)
-    except TimeoutError:
-        emit({"driver": "timeout", "finals": finals})
-        return 3
-    except (OpenAIError, OSError) as exc:
-        emit({"driver": "error", "kind": type(exc).__name__, "message": str(exc)})
-        return 2
-    except Exception as exc:  # websockets' InvalidStatus for a refused upgrade, and the like
-        emit(
-            {
-                "driver": "error",
-                "kind": type(exc).__name__,
-                "message": str(exc),
-                "status": getattr(getattr(exc, "response", None), "status_code", None),
-            }
-        )
-        return 2
-    emit({"driver": "done", "finals": finals})
-    return 0
+    async def send(conn: Any) -> None:
+        pending = list(commits)
+        async for chunk, at in paced(audio, bytes_per_s, args.chunk_ms):
+            await conn.input_audio_buffer.append(audio=base64.b64encode(chunk).decode("ascii"))
+            while pending and at >= pending[0]:
+                pending.pop(0)
+                await conn.input_audio_buffer.commit()
+                emit({"driver": "commit", "audio_s": round(at, 3)})
+        emit({"driver": "audio_done"})
+
+    return await converse(
+        lambda: client.realtime.connect(**connect_kwargs),
+        configure,
+        send,
+        args.expect,
+        args.timeout,
+    )
 
 
 if __name__ == "__main__":
