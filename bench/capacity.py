@@ -62,7 +62,17 @@ from bench.common import (
     subprocess_server,
     summarize,
 )
-from bench.latency import TRANSPORTS, add_quiet_args, offline_utterances, run_phase
+from bench.latency import (
+    _transport_arg,
+    add_quiet_args,
+    add_reference_args,
+    offline_utterances,
+    parse_transports,
+    pooled_wer,
+    reference_info,
+    run_phase,
+    transport_order,
+)
 from signaling.client import read_audio
 
 LAG = "voxtral_rtc_audio_lag_seconds"
@@ -117,13 +127,17 @@ def _checks(
 
 
 def _step(n: int, runs: list[dict[str, Any]], p95_ms: float) -> dict[str, Any]:
-    """One count's verdict over its runs: finals pooled (p95 of them all), counts summed."""
+    """One count's verdict over its runs (of one transport): finals pooled (p95 of them
+    all), counts summed."""
     records = [r for p in runs for c in p["call_results"] for r in c["records"]]
     counts = {k: sum(p["counts"][k] for p in runs) for k in runs[0]["counts"]}
     late = sum(p["audio_lag"]["late"] for p in runs)
     checks = _checks(records, counts, late, p95_ms)
+    cpu = [p["server_load_pct"] for p in runs if p.get("server_load_pct") is not None]
     return {
+        "transport": runs[0].get("transport", "webrtc"),
         "calls": n,
+        "server_load_pct": cpu,
         "runs": len(runs),
         "end_to_final_ms": summarize(r["end_to_final_ms"] for r in records).as_dict(),
         "counts": counts,
@@ -131,6 +145,7 @@ def _step(n: int, runs: list[dict[str, Any]], p95_ms: float) -> dict[str, Any]:
         "chunks": sum(p["audio_lag"]["chunks"] for p in runs),
         "checks": checks,
         "passed": all(checks.values()),
+        "wer": pooled_wer([c for p in runs for c in p["call_results"]]),
     }
 
 
@@ -159,44 +174,60 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             ws_chunk_ms=args.ws_chunk_ms,
             quiet_pct=args.quiet_pct,
             quiet_wait_s=args.quiet_wait_s,
+            reference_text=args.reference_text,
         )
+        # Several transports: each count runs them in turn (the order reversed every other
+        # repetition); a transport leaves the ramp after its first failing count.
+        ramping = list(parse_transports(args.transport))
         async with subprocess_server(Path(tmp) / "server.yaml", port) as server:
             engine = server.engine
             for n in args.calls:
-                runs = []
-                for repeat in range(1, args.repeat + 1):
-                    before = await scrape(server.url)
-                    phase = await run_phase(
-                        server, config, samples, offline, n, repeat, phase_args, args.transport
-                    )
-                    lag = lag_summary(before, await scrape(server.url), args.late_ms)
-                    checks = _checks(
-                        [r for c in phase["call_results"] for r in c["records"]],
-                        phase["counts"],
-                        lag["late"],
-                        args.p95_ms,
-                    )
-                    phase.update(audio_lag=lag, checks=checks, passed=all(checks.values()))
-                    runs.append(phase)
-                    await asyncio.sleep(args.settle_s)
-                phases.extend(runs)
-                step = _step(n, runs, args.p95_ms)
-                steps.append(step)
-                print(
-                    f"  -> {args.transport} {n} streams: "
-                    f"{'PASS' if step['passed'] else 'FAIL'} {step['checks']}; p95 "
-                    f"{step['end_to_final_ms']['p95']} ms over {len(runs)} run(s); late chunks "
-                    f"{step['late_chunks']}/{step['chunks']}",
-                    file=sys.stderr,
-                )
-                if not step["passed"] and not args.keep_going:
+                if not ramping:
                     break
-    passing = [st["calls"] for st in steps if st["passed"]]
-    capacity = 0
-    for st in steps:  # the largest count with every count up to it passing
-        if not st["passed"]:
-            break
-        capacity = st["calls"]
+                runs: dict[str, list[dict[str, Any]]] = {t: [] for t in ramping}
+                for repeat in range(1, args.repeat + 1):
+                    for transport in transport_order(",".join(ramping), repeat):
+                        runs[transport].append(
+                            await _capacity_phase(
+                                server,
+                                config,
+                                samples,
+                                offline,
+                                n,
+                                repeat,
+                                phase_args,
+                                args,
+                                transport,
+                            )
+                        )
+                        await asyncio.sleep(args.settle_s)
+                for transport, mine in runs.items():
+                    phases.extend(mine)
+                    step = _step(n, mine, args.p95_ms)
+                    steps.append(step)
+                    print(
+                        f"  -> {transport} {n} streams: "
+                        f"{'PASS' if step['passed'] else 'FAIL'} {step['checks']}; p95 "
+                        f"{step['end_to_final_ms']['p95']} ms over {len(mine)} run(s); late "
+                        f"chunks {step['late_chunks']}/{step['chunks']}",
+                        file=sys.stderr,
+                    )
+                    if not step["passed"] and not args.keep_going:
+                        ramping.remove(transport)
+    by_transport = {}
+    for transport in parse_transports(args.transport):
+        mine = [st for st in steps if st["transport"] == transport]
+        capacity = 0
+        for st in mine:  # the largest count with every count up to it passing
+            if not st["passed"]:
+                break
+            capacity = st["calls"]
+        by_transport[transport] = {
+            "capacity": capacity,
+            "per_core": round(capacity / (os.cpu_count() or 1), 2),
+            "passing": [st["calls"] for st in mine if st["passed"]],
+        }
+    single = len(by_transport) == 1
     return {
         "benchmark": "capacity",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -207,12 +238,40 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "transport": args.transport,
         "config": asdict(config),
         "audio": {"path": shown_path(args.audio), "seconds": round(len(samples) / 16_000, 2)},
+        "reference": reference_info(args),
         "criteria": {"late_ms": args.late_ms, "p95_ms": args.p95_ms},
-        "capacity": capacity,
-        "passing": passing,
+        # One transport: its capacity and passing counts, as before; several: per transport.
+        "capacity": next(iter(by_transport.values()))["capacity"] if single else None,
+        "passing": next(iter(by_transport.values()))["passing"] if single else None,
+        "by_transport": by_transport,
         "steps": steps,
         "phases": phases,
     }
+
+
+async def _capacity_phase(
+    server: Any,
+    config: Any,
+    samples: Any,
+    offline: Any,
+    n: int,
+    repeat: int,
+    phase_args: argparse.Namespace,
+    args: argparse.Namespace,
+    transport: str,
+) -> dict[str, Any]:
+    """``latency.py``'s phase, with the server's audio lag read around it and the checks."""
+    before = await scrape(server.url)
+    phase = await run_phase(server, config, samples, offline, n, repeat, phase_args, transport)
+    lag = lag_summary(before, await scrape(server.url), args.late_ms)
+    checks = _checks(
+        [r for c in phase["call_results"] for r in c["records"]],
+        phase["counts"],
+        lag["late"],
+        args.p95_ms,
+    )
+    phase.update(audio_lag=lag, checks=checks, passed=all(checks.values()))
+    return phase
 
 
 def render(report: dict[str, Any]) -> str:
@@ -222,6 +281,7 @@ def render(report: dict[str, Any]) -> str:
         s, c, lag = p["summary"]["end_to_final_ms"], p["counts"], p["audio_lag"]
         rows.append(
             [
+                p.get("transport", "webrtc"),
                 p["calls"],
                 p["repeat"],
                 "pass" if p["passed"] else "FAIL",
@@ -239,6 +299,7 @@ def render(report: dict[str, Any]) -> str:
             ]
         )
     headers = (
+        "transport",
         "streams",
         "run",
         "result",
@@ -257,6 +318,7 @@ def render(report: dict[str, Any]) -> str:
     cfg = report["config"]
     step_rows = [
         [
+            st.get("transport", "webrtc"),
             st["calls"],
             st["runs"],
             "pass" if st["passed"] else "FAIL",
@@ -265,19 +327,31 @@ def render(report: dict[str, Any]) -> str:
             if st["end_to_final_ms"]["p50"] is None
             else f"{st['end_to_final_ms']['p50']:.0f} / {st['end_to_final_ms']['p95']:.0f}",
             f"{st['late_chunks']}/{st['chunks']}",
+            ", ".join(f"{v:.0f}" for v in st.get("server_load_pct", [])) or "—",
+            "—" if (st.get("wer") or {}).get("pct") is None else f"{st['wer']['pct']:.1f}",
             ", ".join(k for k, ok in st["checks"].items() if not ok) or "—",
         ]
         for st in report.get("steps", [])
     ]
     step_headers = (
+        "transport",
         "streams",
         "runs",
         "result",
         "finals",
         "end of speech → final p50 / p95 ms (all runs)",
         f"chunks > {crit['late_ms']:.0f} ms late",
+        "server CPU % (runs)",
+        "WER %",
         "failed checks",
     )
+    cores = machine["cpu_count"] or 1
+    headline = [
+        f"**Capacity, {_TRANSPORT_NAMES[t]}: {v['capacity']} simultaneous, "
+        f"{v['capacity'] / cores:g} per core ({cores} cores).**"
+        for t, v in report.get("by_transport", {}).items()
+    ] or [f"**Capacity: {report['capacity']} simultaneous streams.**"]
+    transports = parse_transports(report.get("transport", "webrtc"))
     pooled = (
         [
             "Per count, the runs pooled (the verdict):",
@@ -302,14 +376,13 @@ def render(report: dict[str, Any]) -> str:
             f"- server: subprocess; engine {report['engine']} (lanes {cfg['engine']['lanes']}, "
             f"beam {cfg['engine']['beam_size']}, interims every "
             f"{cfg['engine']['interim_interval_ms']} ms); VAD {cfg['vad']['kind']}",
-            f"- transport: {_TRANSPORT_WORDS[report.get('transport', 'webrtc')]}",
+            f"- transport: {'; '.join(_TRANSPORT_WORDS[t] for t in transports)}"
+            + ("; they alternate within each count" if len(transports) > 1 else ""),
             f"- audio: {report['audio']['path']} ({report['audio']['seconds']} s) per stream",
             f"- pass = no audio chunk more than {crit['late_ms']:.0f} ms behind real time at "
             f"the VAD, p95 end of speech → final ≤ {crit['p95_ms']:.0f} ms, no final lost",
             "",
-            f"**Capacity: {report['capacity']} simultaneous "
-            f"{'sessions' if report.get('transport') == 'ws' else 'calls'}.**",
-            "",
+            *(line for h in headline for line in (h, "")),
             *pooled,
             markdown_table(headers, rows),
             "",
@@ -321,9 +394,16 @@ def render(report: dict[str, Any]) -> str:
     )
 
 
+_TRANSPORT_NAMES = {
+    "webrtc": "WebRTC calls",
+    "ws": "/v1/realtime sessions",
+    "twilio": "Twilio phone streams",
+}
 _TRANSPORT_WORDS = {
     "webrtc": "WebRTC (aiortc calls, Opus)",
     "ws": "WebSocket /v1/realtime?intent=transcription (pcm16 24 kHz appends, base64)",
+    "twilio": "Twilio Media Streams /v1/twilio/media-stream (8 kHz mu-law, 20 ms media; "
+    "events at a /v1/calls/{callSid}/events subscriber)",
 }
 
 
@@ -343,9 +423,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--transport",
-        choices=TRANSPORTS,
+        type=_transport_arg,
         default="webrtc",
-        help="webrtc (default): aiortc calls; ws: /v1/realtime sessions (as bench/latency.py)",
+        help="webrtc (default): aiortc calls; ws: /v1/realtime sessions; twilio: phone "
+        "streams (as bench/latency.py); a comma-separated list (webrtc,twilio): each count "
+        "runs them in turn, each ramped until its own first failing count",
     )
     p.add_argument("--ws-chunk-ms", type=int, default=50, help="audio per WS append in ms (50)")
     p.add_argument("--config", type=Path, help="base YAML for the server (default: defaults)")
@@ -364,12 +446,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--settle-s", type=float, default=2.0, help="pause between counts (2)")
     p.add_argument("--keep-going", action="store_true", help="run every count, even after a fail")
+    add_reference_args(p)
     add_quiet_args(p)
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--no-save", action="store_true", help="print the table only")
     args = p.parse_args(argv)
     if min(args.calls) < 1 or args.repeat < 1:
         p.error("--calls and --repeat must be >= 1")
+    reference = reference_info(args)
+    args.reference_text = None if reference is None else reference["text"]
     return args
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import yaml
 
 from agent.config import ENV_PREFIX, Config, load_config
+from tests.conftest import normalise
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -69,6 +70,19 @@ def summarize(values: Iterable[float]) -> Summary:
     )
 
 
+def word_errors(hypothesis: str, reference: str) -> tuple[int, int]:
+    """Word errors (substitutions + deletions + insertions, the word-level edit distance)
+    of ``hypothesis`` against ``reference``, both normalised as the tests normalise them
+    (lowercase, punctuation stripped), and the reference's word count: WER = errors / words."""
+    hyp, ref = normalise(hypothesis).split(), normalise(reference).split()
+    row = list(range(len(hyp) + 1))  # distances from ref[:0] to each prefix of hyp
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1], len(ref)
+
+
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     """A GitHub-flavoured markdown table; numbers right-aligned."""
     cells = [[str(c) for c in row] for row in rows]
@@ -108,7 +122,8 @@ def machine_info() -> dict[str, Any]:
         "git_dirty": bool(dirty),
         # Tracked files that differ from the commit (the code a server started from may hold
         # uncommitted work: this says which files, not what was in them).
-        "git_dirty_files": [line[3:] for line in dirty.splitlines()],
+        # (``_git`` strips the output, and with it the first line's leading status blank.)
+        "git_dirty_files": [line.split(maxsplit=1)[1] for line in dirty.splitlines()],
     }
 
 

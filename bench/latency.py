@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
-import json
 import logging
 import os
 import random
@@ -84,17 +82,26 @@ from bench.common import (
     system_busy_seconds,
     wait_idle,
     wait_quiet,
+    word_errors,
+)
+from bench.socket_clients import (
+    CONNECT_TIMEOUT_S,
+    PacedSocketClient,
+    TwilioAudio,
+    TwilioClient,
+    WsAudio,
+    WsClient,
 )
 from signaling.client import ArrayAudioTrack, RealtimeClient, ReceivedEvent, read_audio
+from tests.conftest import normalise
 
 EV = "conversation.item.input_audio_transcription"
-CONNECT_TIMEOUT_S = 30.0
 CLOSE_TIMEOUT_S = 10.0
 #: Keep a call open this long after the file's last sample left, for the last cut to happen.
 SETTLE_AFTER_AUDIO_S = 1.0
-TRANSPORTS = ("webrtc", "ws")
-#: ``/v1/realtime``'s default input format: pcm16 mono at 24 kHz.
-WS_RATE = 24_000
+TRANSPORTS = ("webrtc", "ws", "twilio")
+#: ``--transport both``: the two transports it has meant since before Twilio.
+BOTH = ("webrtc", "ws")
 METRICS = (
     "end_to_final_ms",
     "onset_to_started_ms",
@@ -168,131 +175,6 @@ class SendClock(Protocol):
     def max_lateness_ms(self) -> float: ...
 
 
-class WsAudio:
-    """The file as ``/v1/realtime`` appends, built once per phase and shared by its streams:
-    pcm16 at 24 kHz (PyAV's resampler), ``chunk_ms`` per ``input_audio_buffer.append``,
-    each message already JSON (base64), and one of silence for after the file."""
-
-    def __init__(self, samples: Any, chunk_ms: int) -> None:
-        pcm = _to_pcm16(samples, WS_RATE)
-        step = WS_RATE * chunk_ms // 1000
-        self.chunk_s = step / WS_RATE
-        self.messages = [_append(pcm[i : i + step]) for i in range(0, len(pcm), step)]
-        self.silence = _append(np.zeros(step, "<i2"))
-
-
-def _to_pcm16(samples: Any, rate: int) -> Any:
-    frame = av.AudioFrame.from_ndarray(
-        np.asarray(samples, np.float32).reshape(1, -1), format="flt", layout="mono"
-    )
-    frame.sample_rate = 16_000
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-    out = [
-        f.to_ndarray().reshape(-1) for f in [*resampler.resample(frame), *resampler.resample(None)]
-    ]
-    return (np.clip(np.concatenate(out), -1.0, 1.0) * 32767).astype("<i2")
-
-
-def _append(pcm: Any) -> str:
-    audio = base64.b64encode(pcm.tobytes()).decode()
-    return json.dumps({"type": "input_audio_buffer.append", "audio": audio})
-
-
-class WsClient:
-    """One ``/v1/realtime?intent=transcription`` session spoken to with a raw aiohttp
-    WebSocket, shaped like ``RealtimeClient`` (``received``, ``next_event``, ``close``) and
-    its own send clock (``started_at``: when the first append left; ``max_lateness_ms``).
-
-    After ``session.created`` it sends the file's appends paced by the clock (append ``k``
-    when ``started_at + k x chunk`` is due), then appends of silence until closed, as a
-    live microphone would; a reader task stamps every event on arrival."""
-
-    def __init__(self, base_url: str, audio: WsAudio) -> None:
-        base = base_url.rstrip("/").replace("http://", "ws://", 1)
-        self.url = f"{base}/v1/realtime?intent=transcription"
-        self._audio = audio
-        self.received: list[ReceivedEvent] = []
-        self.events: asyncio.Queue[ReceivedEvent] = asyncio.Queue()
-        self.started_at: float | None = None
-        self.max_lateness_ms = 0.0
-        self.session: dict[str, Any] | None = None
-        self.send_error: str | None = None
-        #: The close code when the server closed the socket before the client did.
-        self.server_closed: int | None = None
-        self._closing = False
-        self._http: aiohttp.ClientSession | None = None
-        self._ws: aiohttp.ClientWebSocketResponse | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-
-    async def connect(self) -> None:
-        self._http = aiohttp.ClientSession()
-        self._ws = await self._http.ws_connect(self.url, autoping=True)
-        self._tasks.append(asyncio.create_task(self._read()))
-        created = await self.next_event("session.created", timeout=CONNECT_TIMEOUT_S)
-        self.session = created.event.get("session")
-        self._tasks.append(asyncio.create_task(self._send()))
-
-    async def _read(self) -> None:
-        assert self._ws is not None
-        async for msg in self._ws:
-            if msg.type == aiohttp.WSMsgType.TEXT:
-                received = ReceivedEvent(json.loads(msg.data), time.perf_counter())
-                self.received.append(received)
-                self.events.put_nowait(received)
-        if not self._closing:
-            self.server_closed = self._ws.close_code or -1
-
-    async def _send(self) -> None:
-        ws, audio = self._ws, self._audio
-        assert ws is not None
-        k = 0
-        try:
-            while not ws.closed:
-                now = time.perf_counter()
-                if self.started_at is None:
-                    self.started_at = now
-                else:
-                    due = self.started_at + k * audio.chunk_s
-                    if due > now:
-                        await asyncio.sleep(due - now)
-                    late = (time.perf_counter() - due) * 1000
-                    self.max_lateness_ms = max(self.max_lateness_ms, late)
-                message = audio.messages[k] if k < len(audio.messages) else audio.silence
-                await ws.send_str(message)
-                k += 1
-        except (ConnectionError, RuntimeError) as exc:  # the server closed the socket
-            self.send_error = f"{type(exc).__name__}: {exc}"
-
-    async def next_event(self, type_: str | None = None, timeout: float = 30.0) -> ReceivedEvent:
-        """The next event (of ``type_`` if given; others are skipped but kept in ``received``)."""
-        deadline = time.perf_counter() + timeout
-        while True:
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                raise TimeoutError(f"no {type_ or 'event'} within {timeout} s")
-            if self.server_closed is not None and self.events.empty():
-                raise RuntimeError(f"the server closed the socket (code {self.server_closed})")
-            try:  # in slices: a socket the server closes ends the wait early
-                ev = await asyncio.wait_for(self.events.get(), min(remaining, 0.5))
-            except TimeoutError:
-                continue
-            if type_ is None or ev.type == type_:
-                return ev
-
-    async def close(self) -> None:
-        """Stop sending, close the socket (the server flushes the open utterance), release."""
-        self._closing = True
-        for task in self._tasks[1:]:
-            task.cancel()
-        if self._ws is not None:
-            await self._ws.close()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        if self._http is not None:
-            await self._http.close()
-
-
 class EventSource(Protocol):
     received: list[ReceivedEvent]
 
@@ -313,6 +195,13 @@ class CallOutcome:
     max_send_lateness_ms: float = 0.0
     records: list[dict[str, Any]] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    #: Every ``completed`` transcript of the stream, in arrival order, joined.
+    transcript: str = ""
+    #: Word errors of ``transcript`` against the reference, and the reference's words.
+    word_errors: int | None = None
+    reference_words: int | None = None
+    #: Twilio only: the call's SID, how the server closed the stream and the subscriber.
+    phone: dict[str, Any] | None = None
 
 
 # -- one call ------------------------------------------------------------------------------
@@ -325,25 +214,29 @@ async def run_call(
     call: int,
     stagger_s: float,
     tail_s: float,
-    ws_audio: WsAudio | None = None,
+    socket_audio: WsAudio | TwilioAudio | None = None,
 ) -> tuple[CallOutcome, list[ReceivedEvent], float | None]:
     """Connect after ``stagger_s``, play the file, stay until every started item is final.
 
-    Over WebRTC (an aiortc call, ``ws_audio`` None) or over ``/v1/realtime`` (``ws_audio``:
-    the file's appends). Returns the outcome, the events received and the send clock's
-    start (when the first sample left)."""
-    transport = "webrtc" if ws_audio is None else "ws"
+    Over WebRTC (an aiortc call, ``socket_audio`` None), over ``/v1/realtime``
+    (``WsAudio``: the file's appends) or as a Twilio phone stream with a subscriber on the
+    call's events (``TwilioAudio``: the file's mu-law). Returns the outcome, the events
+    received and the send clock's start (when the first sample left)."""
+    transport = {WsAudio: "ws", TwilioAudio: "twilio"}.get(type(socket_audio), "webrtc")
     outcome = CallOutcome(call, round(stagger_s * 1000, 1), transport)
     await asyncio.sleep(stagger_s)
-    client: RealtimeClient | WsClient
+    client: RealtimeClient | PacedSocketClient
     clock: SendClock
-    if ws_audio is None:
+    if isinstance(socket_audio, WsAudio):
+        client = clock = WsClient(url, socket_audio)
+        connect = client.connect()
+    elif isinstance(socket_audio, TwilioAudio):
+        client = clock = TwilioClient(url, socket_audio)
+        connect = client.connect()
+    else:
         track = TimedTrack(samples)
         client, clock = RealtimeClient(url, config.webrtc), track
         connect = client.connect(track)
-    else:
-        client = clock = WsClient(url, ws_audio)
-        connect = client.connect()
     audio_s = len(samples) / 16_000
     try:
         t0 = time.perf_counter()
@@ -357,8 +250,18 @@ async def run_call(
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(client.close(), CLOSE_TIMEOUT_S)
-    if isinstance(client, WsClient) and client.send_error and outcome.error is None:
-        outcome.error = f"append failed: {client.send_error}"
+    if isinstance(client, PacedSocketClient) and client.send_error and outcome.error is None:
+        outcome.error = f"sending audio failed: {client.send_error}"
+    if isinstance(client, TwilioClient):
+        outcome.phone = {
+            "call_sid": client.call_sid,
+            "subscribe_attempts": client.subscribe_attempts,
+            # stop -> both sockets closed by the server (the flush of the open utterance).
+            "close_ms": client.close_ms,
+            "stream_close_code": client.stream_closed,
+            "subscriber_close_code": client.subscriber_closed,
+            "messages_to_twilio": client.sent_to_twilio,
+        }
     outcome.max_send_lateness_ms = round(clock.max_lateness_ms, 1)
     return outcome, client.received, clock.started_at
 
@@ -392,8 +295,11 @@ def analyse_call(
     started_at: float | None,
     offline: list[OfflineUtterance],
     tolerance_ms: float,
+    reference: str | None = None,
 ) -> None:
-    """Match finals to offline utterances and compute each one's latencies (into ``outcome``)."""
+    """Match finals to offline utterances and compute each one's latencies (into ``outcome``);
+    the stream's transcript (its ``completed`` in arrival order) and, given the
+    ``reference`` text, its word errors."""
     items: dict[str, dict[str, Any]] = {}
     for r in received:
         item_id = r.event.get("item_id")
@@ -464,7 +370,13 @@ def analyse_call(
         "empty": empty,
         "error_events": sum(1 for r in received if r.type == "error"),
         "out_of_turn": _out_of_turn(received),
+        "untagged": _untagged(outcome, received),
     }
+    outcome.transcript = " ".join(
+        str(r.event.get("transcript", "")).strip() for r in received if r.type == f"{EV}.completed"
+    ).strip()
+    if reference is not None:
+        outcome.word_errors, outcome.reference_words = word_errors(outcome.transcript, reference)
     outcome.errors = [str(r.event.get("error")) for r in received if r.type == "error"][:5]
 
 
@@ -487,6 +399,15 @@ def _out_of_turn(received: list[ReceivedEvent]) -> int:
             if r.type != f"{EV}.delta":
                 done.add(item)
     return bad
+
+
+def _untagged(outcome: CallOutcome, received: list[ReceivedEvent]) -> int:
+    """Twilio only: events on the call's subscriber socket without ``track`` or with a
+    ``call_sid`` other than the call's (every event of a call must carry both)."""
+    if outcome.phone is None:
+        return 0
+    sid = outcome.phone["call_sid"]
+    return sum(1 for r in received if "track" not in r.event or r.event.get("call_sid") != sid)
 
 
 def _online_end_ms(slot: dict[str, Any]) -> float | None:
@@ -519,7 +440,8 @@ async def run_phase(
     transport: str = "webrtc",
 ) -> dict[str, Any]:
     """``n_calls`` streams at once over ``transport`` (``webrtc``: aiortc calls; ``ws``:
-    ``/v1/realtime`` sockets), the server's CPU read around them; the phase's figures."""
+    ``/v1/realtime`` sockets; ``twilio``: phone streams, events from a subscriber each), the
+    server's CPU read around them; the phase's figures."""
     # Sockets too: a run that alternates transports starts each phase on an idle server.
     await wait_idle(server.url, sockets=True)
     quiet: tuple[float, float] | None = None
@@ -529,13 +451,15 @@ async def run_phase(
     staggers = [rng.uniform(0, args.stagger_ms / 1000) for _ in range(n_calls)]
     audio_s = len(samples) / 16_000
     tail_s = args.tail_timeout_s or 20 + 1.5 * n_calls * len(offline)
-    ws_audio = None
+    socket_audio: WsAudio | TwilioAudio | None = None
     if transport == "ws":
-        ws_audio = WsAudio(samples, getattr(args, "ws_chunk_ms", 50))
+        socket_audio = WsAudio(samples, getattr(args, "ws_chunk_ms", 50))
+    elif transport == "twilio":
+        socket_audio = TwilioAudio(samples)
     cpu0, own0, busy0 = server.cpu_seconds(), process_cpu_seconds(), system_busy_seconds()
     t0 = time.perf_counter()
     coros = [
-        run_call(server.url, config, samples, i, s, tail_s, ws_audio)
+        run_call(server.url, config, samples, i, s, tail_s, socket_audio)
         for i, s in enumerate(staggers)
     ]
     bound = CONNECT_TIMEOUT_S + audio_s + tail_s + CLOSE_TIMEOUT_S + 30
@@ -546,7 +470,14 @@ async def run_phase(
     calls = []
     session: dict[str, Any] | None = None
     for outcome, received, started_at in results:
-        analyse_call(outcome, received, started_at, offline, args.match_tolerance_ms)
+        analyse_call(
+            outcome,
+            received,
+            started_at,
+            offline,
+            args.match_tolerance_ms,
+            getattr(args, "reference_text", None),
+        )
         calls.append(outcome)
         created = [r.event for r in received if r.type == "session.created"]
         session = session or (created[0].get("session") if created else None)
@@ -574,18 +505,38 @@ async def run_phase(
         **_engine_batches([r for c in calls for r in c.records], wall),
         "counts": _total_counts(calls),
         "summary": _summaries([r for c in calls for r in c.records]),
+        "wer": pooled_wer(calls),
         "call_results": [asdict(c) for c in calls],
     }
     s, c = phase["summary"]["end_to_final_ms"], phase["counts"]
+    wer = "" if phase["wer"]["pct"] is None else f"WER {phase['wer']['pct']} %; "
     print(
         f"  {transport} {n_calls} stream(s), run {repeat}: {c['completed']}/{c['expected']} "
         f"finals, "
         f"failed {c['failed']}, missing {c['missing']}; end->final p50 {s['p50']} "
         f"p95 {s['p95']} ms; server CPU {phase['server_cpu_pct_per_call'] or '-'} %/call; "
-        f"{wall:.1f} s",
+        f"{wer}{wall:.1f} s",
         file=sys.stderr,
     )
     return phase
+
+
+def pooled_wer(calls: list[Any]) -> dict[str, Any]:
+    """Word errors summed over streams / reference words summed (``pct``: WER in %), and
+    how many streams had each distinct (normalised) transcript; ``calls`` are
+    ``CallOutcome``s or their dicts."""
+    rows = [c if isinstance(c, dict) else asdict(c) for c in calls]
+    scored = [r for r in rows if r.get("word_errors") is not None]
+    errors = sum(r["word_errors"] for r in scored)
+    words = sum(r["reference_words"] for r in scored)
+    heard = Counter(normalise(r.get("transcript", "")) for r in scored)
+    return {
+        "streams": len(scored),
+        "errors": errors,
+        "words": words,
+        "pct": round(100 * errors / words, 1) if words else None,
+        "transcripts": dict(heard.most_common()),
+    }
 
 
 def _engine_batches(records: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
@@ -611,6 +562,7 @@ def _total_counts(calls: list[CallOutcome]) -> dict[str, int]:
         "empty",
         "error_events",
         "out_of_turn",
+        "untagged",
     )
     total = {k: sum(c.counts.get(k, 0) for c in calls) for k in keys}
     total["call_errors"] = sum(1 for c in calls if c.error)
@@ -668,6 +620,15 @@ SPLIT_HEADERS = (
     "total",
 )
 SPLIT_METRICS = METRICS[3:9]  # end_to_stopped .. transport_other, in SPLIT_HEADERS order
+WER_HEADERS = (
+    "transport",
+    "streams",
+    "runs",
+    "streams scored",
+    "word errors / words",
+    "WER %",
+    "transcripts heard (normalised) × streams",
+)
 RUN_HEADERS = (
     "transport",
     "streams",
@@ -682,7 +643,7 @@ RUN_HEADERS = (
     "mean batch",
     "wall s",
     "max send lateness ms",
-    "errors / out of turn",
+    "errors / out of turn / untagged",
 )
 NOTES = (
     "Split of end of speech → final: *server* = end-of-speech decision → event sent (queue + "
@@ -690,8 +651,8 @@ NOTES = (
     "before the decision); *transport/other* = client latency − VAD hangover − server "
     "(WebRTC: RTP, jitter buffer, Opus decode, VAD backlog, SCTP, client event loop; WS: TCP, "
     "base64 + resampling, VAD backlog, client event loop). *engine* is the wall time of the "
-    "whole batch the utterance ran in. *streams* = simultaneous WebRTC calls or /v1/realtime "
-    "sockets. *server CPU % core/stream* = server process"
+    "whole batch the utterance ran in. *streams* = simultaneous WebRTC calls, /v1/realtime "
+    "sockets or Twilio phone streams (one track each). *server CPU % core/stream* = server process"
     " CPU seconds / (streams × file seconds) × 100; *server load %* = its CPU seconds / wall "
     "seconds of the run; *bench CPU %* = the same for this process (the clients); *other CPU %* ="
     " the rest of the machine's busy time meanwhile (other processes: noise); *end → final decode "
@@ -699,8 +660,11 @@ NOTES = (
     "(the hangover when it was not speculative); *engine busy %* = "
     "summed wall times of the finals' batches (all lanes) / wall seconds of the run (interim "
     "decodes not included); *mean batch* = utterances per engine batch (items of one batch share "
-    "its ``engine_ms``); *errors / out of turn* = ``error`` events received / events of an "
-    "item (delta, completed) that arrived before an earlier item's final (both expected 0)."
+    "its ``engine_ms``); *errors / out of turn / untagged* = ``error`` events received / events "
+    "of an item (delta, completed) that arrived before an earlier item's final / Twilio: events "
+    "at the subscriber without ``track`` or with another ``call_sid`` (all expected 0). Over "
+    "Twilio, *transport/other* also holds mu-law decoding and the 8 → 16 kHz resampler, and "
+    "the hub's fan-out to the subscriber socket."
 )
 
 
@@ -761,7 +725,8 @@ def render(report: dict[str, Any]) -> str:
             p["engine_mean_batch"],
             p["wall_s"],
             max(c["max_send_lateness_ms"] for c in p["call_results"]),
-            f"{p['counts'].get('error_events', 0)} / {p['counts'].get('out_of_turn', 0)}",
+            f"{p['counts'].get('error_events', 0)} / {p['counts'].get('out_of_turn', 0)} / "
+            f"{p['counts'].get('untagged', 0)}",
         ]
         for p in report["phases"]
     ]
@@ -773,9 +738,23 @@ def render(report: dict[str, Any]) -> str:
     transports = " and ".join(dict.fromkeys(p.get("transport", "webrtc") for p in report["phases"]))
     order = (
         "; the transports alternate within each repetition (order flipped every other one)"
-        if args.get("transport") == "both"
+        if len(parse_transports(args.get("transport", "webrtc"))) > 1
         else ""
     )
+    wer_rows = [
+        [
+            agg["transport"],
+            agg["calls"],
+            agg["runs"],
+            agg["wer"]["streams"],
+            f"{agg['wer']['errors']}/{agg['wer']['words']}",
+            f"**{agg['wer']['pct']:.1f}**",
+            "; ".join(f"{k} ×{v}" for k, v in agg["wer"]["transcripts"].items()),
+        ]
+        for agg in report["by_calls"].values()
+        if agg.get("wer", {}).get("pct") is not None
+    ]
+    phone = [c["phone"] for p in report["phases"] for c in p["call_results"] if c.get("phone")]
     lines = [
         "# Live-call latency (bench/latency.py)",
         "",
@@ -798,8 +777,26 @@ def render(report: dict[str, Any]) -> str:
             else []
         ),
         f"- transport: {transports}{order}; WS appends of "
-        f"{args.get('ws_chunk_ms', 50)} ms (pcm16, 24 kHz)",
+        f"{args.get('ws_chunk_ms', 50)} ms (pcm16, 24 kHz); Twilio: 20 ms `media` of 8 kHz "
+        "mu-law (PyAV), events read by a subscriber on `/v1/calls/{callSid}/events`",
+        *(
+            [f"- reference text ({report['reference']['source']}): {report['reference']['text']}"]
+            if report.get("reference")
+            else []
+        ),
         "",
+        *(
+            [
+                "## Word error rate of the finals (each stream's `completed` transcripts joined, "
+                "lowercased, punctuation stripped; errors / reference words, pooled)",
+                "",
+                markdown_table(WER_HEADERS, wer_rows),
+                "",
+            ]
+            if wer_rows
+            else []
+        ),
+        *(_phone_lines(phone) if phone else []),
         "## End of speech → `completed` by transport (ms; pooled p50 / p95 over streams and "
         "runs, each run's p50 and p95; server CPU % of one core per stream, median of runs)",
         "",
@@ -820,6 +817,21 @@ def render(report: dict[str, Any]) -> str:
         NOTES,
     ]
     return "\n".join(lines)
+
+
+def _phone_lines(phone: list[dict[str, Any]]) -> list[str]:
+    """How the server ended the Twilio streams: close codes, ``stop`` -> closed, messages
+    sent to Twilio (none expected), subscriber attempts (404 until ``start`` is handled)."""
+    codes = Counter(f"{p['stream_close_code']}/{p['subscriber_close_code']}" for p in phone)
+    close = summarize(p["close_ms"] for p in phone if p.get("close_ms") is not None)
+    return [
+        f"Twilio streams: {len(phone)}; close codes stream/subscriber "
+        + ", ".join(f"{k} ×{v}" for k, v in codes.items())
+        + f"; `stop` → both sockets closed by the server p50 / max {close.p50} / {close.max} "
+        f"ms; messages sent to Twilio {sum(p['messages_to_twilio'] for p in phone)}; "
+        f"subscribe attempts max {max(p['subscribe_attempts'] for p in phone)}.",
+        "",
+    ]
 
 
 def _cell(s: dict[str, Any]) -> str:
@@ -848,6 +860,7 @@ def aggregate(phases: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "run_p95": [r["p95"] for r in runs if r["p95"] is not None],
             "run_cpu_pct_per_call": cpus,
             "server_cpu_pct_per_call": round(float(np.median(cpus)), 1) if cpus else None,
+            "wer": pooled_wer([c for p in mine for c in p["call_results"]]),
         }
     return out
 
@@ -894,6 +907,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "engine": engine,
         "config": asdict(config),
         "audio": {"path": shown_path(args.audio), "seconds": round(len(samples) / 16_000, 2)},
+        "reference": reference_info(args),
         "offline": [asdict(o) for o in offline],
         "by_calls": aggregate(phases),
         "phases": phases,
@@ -916,12 +930,57 @@ def add_quiet_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def parse_transports(choice: str) -> tuple[str, ...]:
+    """``--transport``: one of ``TRANSPORTS``, a comma-separated list of them (run in turn
+    within each repetition), or ``both`` (``webrtc,ws``)."""
+    if choice == "both":
+        return BOTH
+    names = tuple(dict.fromkeys(t.strip() for t in choice.split(",") if t.strip()))
+    unknown = [t for t in names if t not in TRANSPORTS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown transport {', '.join(unknown) or repr(choice)}: use "
+            f"{', '.join(TRANSPORTS)}, a comma-separated list of them, or both"
+        )
+    return names
+
+
 def transport_order(choice: str, repeat: int) -> tuple[str, ...]:
-    """The transports of one repetition: ``both`` alternates them, the first one flipping
-    every other repetition, so neither always runs on the warmer (or noisier) machine."""
-    if choice != "both":
-        return (choice,)
-    return TRANSPORTS if repeat % 2 else TRANSPORTS[::-1]
+    """The transports of one repetition: several alternate, the order reversed every other
+    repetition, so none always runs on the warmer (or noisier) machine."""
+    names = parse_transports(choice)
+    return names if repeat % 2 else names[::-1]
+
+
+def _transport_arg(value: str) -> str:
+    parse_transports(value)  # validated here, kept as typed (it is shown in the report)
+    return value
+
+
+#: beckett.wav's transcript, from ``../shared/audio/README.md``.
+BECKETT_REFERENCE = "Ever tried. Ever failed. No matter. Try again. Fail again. Fail better."
+
+
+def add_reference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--reference",
+        type=Path,
+        help="text file with what the audio says, for the word error rate (default: the "
+        "audio's .txt beside it, e.g. from bench/make_joined_speech.py; beckett.wav's own "
+        "transcript for beckett.wav; otherwise no WER)",
+    )
+
+
+def reference_info(args: argparse.Namespace) -> dict[str, str] | None:
+    """The reference text for ``args.audio`` and where it came from (see ``--reference``)."""
+    sidecar = args.audio.with_suffix(".txt")
+    if args.reference is not None:
+        return {"text": args.reference.read_text().strip(), "source": shown_path(args.reference)}
+    if sidecar.is_file():
+        return {"text": sidecar.read_text().strip(), "source": shown_path(sidecar)}
+    if args.audio.name == "beckett.wav":
+        return {"text": BECKETT_REFERENCE, "source": "../shared/audio/README.md"}
+    return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -948,10 +1007,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--transport",
-        choices=(*TRANSPORTS, "both"),
+        type=_transport_arg,
         default="webrtc",
         help="webrtc (default): aiortc calls; ws: /v1/realtime?intent=transcription sockets "
-        "sending pcm16 24 kHz appends; both: the two alternate within each repetition",
+        "sending pcm16 24 kHz appends; twilio: /v1/twilio/media-stream phone streams (8 kHz "
+        "mu-law) with a subscriber on /v1/calls/{callSid}/events; a comma-separated list "
+        "(webrtc,twilio) or both (= webrtc,ws): they alternate within each repetition",
     )
     p.add_argument(
         "--ws-chunk-ms",
@@ -997,6 +1058,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "matched to (default: 400)",
     )
     p.add_argument("--settle-s", type=float, default=1.0, help="pause between runs (default: 1)")
+    add_reference_args(p)
     add_quiet_args(p)
     p.add_argument(
         "--out-dir",
@@ -1012,6 +1074,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--ws-chunk-ms must be within 10..1000")
     if not args.audio.is_file():
         p.error(f"no such file: {args.audio}")
+    if args.reference is not None and not args.reference.is_file():
+        p.error(f"no such file: {args.reference}")
+    reference = reference_info(args)
+    args.reference_text = None if reference is None else reference["text"]
     return args
 
 

@@ -4,6 +4,10 @@ Short phrases finish before two interim decodes can agree on a word, so speech o
 first delta needs longer speech. This makes it (the same audio the streaming test uses):
 
     .venv/bin/python bench/make_joined_speech.py /tmp/joined-20s.wav --seconds 20
+
+It also writes what the file says beside it (``/tmp/joined-20s.txt``: the phrases in order),
+which ``bench/latency.py`` and ``bench/capacity.py`` take as the reference for the word error
+rate.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.audio_file import read_audio
-from tests.conftest import BECKETT
+from tests.conftest import BECKETT, BECKETT_PHRASES, BECKETT_REGIONS
 from tests.integration.test_streaming import phrases_without_pauses
 
 
@@ -34,7 +38,12 @@ def main() -> None:
         wav.setsampwidth(2)
         wav.setframerate(16000)
         wav.writeframes(pcm.tobytes())
-    print(f"wrote {args.out}: {len(audio) / 16000:.2f} s")
+    # The phrases repeat whole: the speech between the 0.5 s lead and the 1 s tail.
+    cycle = sum(int(b * 16000) - int(a * 16000) for a, b in BECKETT_REGIONS)
+    repeats = (len(audio) - 8000 - 16000) // cycle
+    reference = args.out.with_suffix(".txt")
+    reference.write_text(". ".join(BECKETT_PHRASES * repeats).capitalize() + ".\n")
+    print(f"wrote {args.out}: {len(audio) / 16000:.2f} s; {reference}: {6 * repeats} phrases")
 
 
 if __name__ == "__main__":
