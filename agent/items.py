@@ -132,6 +132,14 @@ class ItemPipeline:
                     task.cancel()
             self._finished(item, abandoned=True)
 
+    def drop_hypotheses(self) -> None:
+        """The input has ended: interim decodes not yet answered are withdrawn (one still
+        queued leaves the engine's queue); the finals are what remains to wait for."""
+        for item in self._turns:
+            for task in (item.interim, item.withdrawn):
+                if task is not None and not task.done():
+                    task.cancel()
+
     # -- one item's events at a time ---------------------------------------------------
 
     def _new_item(self, index: int | None = None) -> _Item:

@@ -314,6 +314,9 @@ class TranscriptionSession:
                     await self._on_message(item.raw, item.received_at)
             self.state = "draining"
             await self._flush_detector()
+            # Every item is final now: hypotheses still queued would only delay the close
+            # (measured: 1.7 s at 6 phone streams, 3.6 s at 8, with every final already out).
+            self._items.drop_hypotheses()
             await self._drain()
             if self.end_reason == "max_duration":
                 # As OpenAI's Realtime API says it when a session reaches its maximum length.
