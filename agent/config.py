@@ -162,8 +162,56 @@ class SegmenterConfig:
 
 
 @dataclass(frozen=True)
+class RemoteEngineConfig:
+    """``engine.kind: remote``: OpenAI-compatible ``/audio/transcriptions`` servers (vLLM
+    serving Voxtral, or another voxtral-rtc) that transcribe this gateway's utterances."""
+
+    #: Base URL(s) ending in ``/v1`` (``http://10.0.0.5:8000/v1``); a list spreads requests
+    #: over several servers, each to the one with the fewest requests in flight.
+    base_url: tuple[str, ...] = ()
+    #: Sent as ``Authorization: Bearer``; empty = none. Best set from the environment:
+    #: ``VOXTRAL_RTC_ENGINE__REMOTE__API_KEY``.
+    api_key: str = ""
+    #: The ``model`` form field; empty = not sent (the server's only model).
+    model: str = ""
+    #: One utterance's whole budget, retries included; past it: ``engine_timeout``.
+    timeout_s: float = 10.0
+    #: Requests in flight at once, over all servers; more wait in the engine queue.
+    max_concurrency: int = 16
+    #: Further tries of a request that met a connection error or a 5xx, backing off.
+    retries: int = 2
+
+    def validate(self, required: bool = False) -> None:
+        if required:
+            _check(
+                bool(self.base_url),
+                "engine.remote.base_url",
+                "must name at least one server when engine.kind is remote",
+            )
+        for url in self.base_url:
+            rest = url.split("://", 1)[-1]
+            _check(
+                url.startswith(("http://", "https://"))
+                and bool(rest.split("/", 1)[0])
+                and not any(c in rest for c in "?#@ "),
+                "engine.remote.base_url",
+                f"must be http(s) URLs like http://10.0.0.5:8000/v1, got {url!r}",
+            )
+        _check(
+            self.api_key == "" or (self.api_key.isprintable() and " " not in self.api_key),
+            "engine.remote.api_key",
+            "must be printable, without spaces",
+        )
+        _check(0 < self.timeout_s <= 600, "engine.remote.timeout_s", "must be in (0, 600]")
+        _check(
+            1 <= self.max_concurrency <= 1024, "engine.remote.max_concurrency", "must be 1..1024"
+        )
+        _check(0 <= self.retries <= 10, "engine.remote.retries", "must be 0..10")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
-    kind: Literal["embedded", "voxtral"] = "embedded"
+    kind: Literal["embedded", "voxtral", "remote"] = "embedded"
     #: Model folder or hub id; empty means the engine's default.
     model: str = ""
     #: ``auto`` picks CUDA when present.
@@ -190,8 +238,11 @@ class EngineConfig:
     #: An engine call running longer than this fails its utterances (``engine_timeout``) and
     #: its thread is abandoned for a fresh one.
     watchdog_s: float = 30.0
+    #: ``kind: remote`` only: where utterances are sent.
+    remote: RemoteEngineConfig = field(default_factory=RemoteEngineConfig)
 
     def validate(self) -> None:
+        self.remote.validate(required=self.kind == "remote")
         _check(1 <= self.beam_size <= 16, "engine.beam_size", "must be 1..16")
         _check(self.temperature >= 0, "engine.temperature", "must be >= 0")
         _check(self.cpu_threads >= 1, "engine.cpu_threads", "must be >= 1")
@@ -407,9 +458,17 @@ def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
         section, sep, key = name[len(ENV_PREFIX) :].lower().partition("__")
         if not sep or not key:
             raise ConfigError(f"{name}: expected {ENV_PREFIX}<SECTION>__<KEY>")
+        # A nested section's key: VOXTRAL_RTC_ENGINE__REMOTE__API_KEY -> engine.remote.api_key.
+        *parents, key = key.split("__")
         target = raw.setdefault(section, {})
-        if not isinstance(target, dict):
-            raise ConfigError(f"{section}: must be a mapping")
+        where = section
+        for parent in parents:
+            if not isinstance(target, dict):
+                break
+            target = target.setdefault(parent, {})
+            where = f"{where}.{parent}"
+        if not isinstance(target, dict) or not key:
+            raise ConfigError(f"{where}: must be a mapping")
         try:
             target[key] = yaml.safe_load(value) if value != "" else ""
         except yaml.YAMLError:

@@ -154,11 +154,14 @@ class _LiveCollector(Collector):
         )
         yield GaugeMetricFamily(
             "voxtral_rtc_engine_degraded",
-            "1 while an engine call that passed the watchdog has not returned.",
+            "1 while an engine call that passed the watchdog has not returned, or while no "
+            "remote transcription server is in service.",
             int(w.degraded),
         )
         yield CounterMetricFamily(
-            "voxtral_rtc_engine_timeouts", "Engine calls stopped by the watchdog.", w.timeouts
+            "voxtral_rtc_engine_timeouts",
+            "Engine calls stopped by the watchdog, or by engine.remote.timeout_s.",
+            w.timeouts,
         )
         yield CounterMetricFamily(
             "voxtral_rtc_skipped_interims",

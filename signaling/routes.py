@@ -385,8 +385,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """200 when calls can be served well. ``degraded`` (503): an engine call passed the
-    watchdog and has not returned; calls are still accepted on a fresh engine thread, but a
-    GPU engine that stays wedged needs a restart."""
+    watchdog and has not returned (calls are still accepted on a fresh engine thread, but a
+    GPU engine that stays wedged needs a restart), or no remote transcription server is in
+    service (utterances fail at once until one answers a probe)."""
     state = request.app[STATE]
     status: str = state.status
     body: dict[str, Any] = {"status": status}

@@ -1,14 +1,15 @@
-"""Engines behind one interface (``Engine.transcribe``); one module per engine."""
+"""Engines behind two interfaces (``Engine.transcribe`` on threads, ``AsyncEngine.transcribe_one``
+on the event loop); one module per engine."""
 
 from __future__ import annotations
 
 from agent.config import EngineConfig
-from agent.engines.base import Engine, EngineRequest, EngineResult
+from agent.engines.base import AsyncEngine, Engine, EngineRequest, EngineResult
 
-__all__ = ["Engine", "EngineRequest", "EngineResult", "create_engine"]
+__all__ = ["AsyncEngine", "Engine", "EngineRequest", "EngineResult", "create_engine"]
 
 
-def create_engine(config: EngineConfig) -> Engine:
+def create_engine(config: EngineConfig) -> Engine | AsyncEngine:
     """Build the configured engine. Blocking (loads weights): call it off the event loop."""
     if config.kind == "embedded":
         from agent.engines.embedded import EmbeddedWhisperEngine
@@ -18,4 +19,8 @@ def create_engine(config: EngineConfig) -> Engine:
         from agent.engines.voxtral import VoxtralEngine
 
         return VoxtralEngine(config)
+    if config.kind == "remote":
+        from agent.engines.remote import RemoteEngine
+
+        return RemoteEngine(config)  # no I/O until RemoteEngine.start, on the loop
     raise ValueError(f"unknown engine kind {config.kind!r}")  # pragma: no cover - validated

@@ -1,8 +1,11 @@
-"""The engine extension point: transcribe a batch of utterances, return their texts.
+"""The engine extension points: transcribe utterances, return their texts.
 
-An engine is synchronous and blocking; it is only ever called from the engine worker's
-thread (``agent.engines.worker``), never from the event loop. One instance serves every
-call, so implementations must not keep per-call state.
+``Engine`` is synchronous and blocking; it is only ever called from the engine worker's
+threads (``agent.engines.worker``), never from the event loop. ``AsyncEngine`` is for an
+engine that only waits (on another server): it runs on the event loop, one coroutine per
+utterance, and cancelling that coroutine really stops the work. The worker picks the path
+by which of the two an engine is. One instance serves every call, so implementations must
+not keep per-call state.
 """
 
 from __future__ import annotations
@@ -63,3 +66,32 @@ class Engine(ABC):
 
     def close(self) -> None:
         """Release model memory (called once at shutdown, in the worker thread)."""
+
+
+class AsyncEngine(ABC):
+    """Speech to text one utterance at a time, on the event loop (nothing here may block)."""
+
+    #: Short name reported in ``session.created`` and ``/readyz``.
+    name: str = "engine"
+    #: Requests the worker lets run at once; more wait in its queue, by priority.
+    max_concurrency: int = 1
+
+    @abstractmethod
+    async def transcribe_one(self, request: EngineRequest) -> EngineResult:
+        """Return the request's text. Raise ``EngineError`` (with its wire code) to fail it.
+
+        The worker cancels this coroutine when the caller withdraws the utterance (a
+        speculative final voided by more speech, a call that ended): it must then stop
+        the work it started, not leave it running.
+        """
+
+    async def start(self) -> None:
+        """Open connections before the first utterance (on the event loop)."""
+
+    async def aclose(self) -> None:
+        """Release connections and background tasks (called once at shutdown)."""
+
+    @property
+    def degraded(self) -> bool:
+        """True while the engine cannot serve at all (its utterances fail at once)."""
+        return False

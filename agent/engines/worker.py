@@ -13,6 +13,12 @@ with ``engine_timeout`` and its thread pool is abandoned for a fresh one, so lat
 still run. Python cannot kill a thread: the hung call keeps its thread (and, for a GPU engine,
 possibly the device) until it returns; ``degraded`` says so until then, and ``/readyz``
 reports it. A GPU engine that never returns needs a restart of the process.
+
+An ``AsyncEngine`` (the remote engine: its work happens on another server) runs on the event
+loop instead: up to its ``max_concurrency`` requests at once, one task each, taken from the
+same queues in the same order (one slot kept for finals, as lane 0 is), with the same
+bounds, timings and counters. Its requests can really be stopped, so withdrawing one
+(cancelling the caller) cancels its task at any time: ``started`` is never set for it.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from agent.config import EngineConfig
-from agent.engines.base import Engine, EngineRequest, EngineResult
+from agent.engines.base import AsyncEngine, Engine, EngineRequest, EngineResult
 from agent.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -68,14 +74,21 @@ class EngineWorker:
     """Owns the engine, its threads and the lane tasks. Start once, share everywhere."""
 
     def __init__(
-        self, engine: Engine, config: EngineConfig, executor: ThreadPoolExecutor | None = None
+        self,
+        engine: Engine | AsyncEngine,
+        config: EngineConfig,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self.engine = engine
         self._config = config
-        self.lanes = max(1, min(config.lanes, engine.max_lanes))
-        #: An engine that loops over items gains nothing from batches: each item would only
-        #: wait for the others (measured by bench/latency.py), so it gets batches of one.
-        self.max_batch = max(1, min(config.max_batch, engine.max_batch))
+        if isinstance(engine, AsyncEngine):
+            self.lanes = max(1, engine.max_concurrency)
+            self.max_batch = 1
+        else:
+            self.lanes = max(1, min(config.lanes, engine.max_lanes))
+            #: An engine that loops over items gains nothing from batches: each item would
+            #: only wait for the others (measured by bench/latency.py): batches of one.
+            self.max_batch = max(1, min(config.max_batch, engine.max_batch))
         self._queues: dict[Priority, deque[_Job]] = {p: deque() for p in Priority}
         self._work = asyncio.Condition()
         # The engine's threads for its whole life: load, warm-up and every batch run here,
@@ -84,6 +97,8 @@ class EngineWorker:
             max_workers=self.lanes, thread_name_prefix="engine"
         )
         self._tasks: list[asyncio.Task[None]] = []
+        #: An ``AsyncEngine``'s requests in flight, one task each, and their jobs.
+        self._requests: dict[asyncio.Task[None], _Job] = {}
         self.skipped_interims = 0
         #: Finals transcribed / failed, and interims transcribed (counters for tests, metrics).
         self.completed = 0
@@ -96,7 +111,9 @@ class EngineWorker:
         self.on_batch: Callable[[Priority, int, float], None] | None = None
 
     @classmethod
-    async def start(cls, config: EngineConfig, engine: Engine | None = None) -> EngineWorker:
+    async def start(
+        cls, config: EngineConfig, engine: Engine | AsyncEngine | None = None
+    ) -> EngineWorker:
         """Load (unless given) and warm up the engine on its thread, then serve."""
         loop = asyncio.get_running_loop()
         executor = ThreadPoolExecutor(max_workers=config.lanes, thread_name_prefix="engine")
@@ -105,6 +122,9 @@ class EngineWorker:
                 from agent.engines import create_engine
 
                 engine = await loop.run_in_executor(executor, create_engine, config)
+            if isinstance(engine, AsyncEngine):
+                executor.shutdown(wait=True)  # idle: its threads are for blocking engines
+                return await cls._start_async(engine, config)
             await loop.run_in_executor(executor, engine.warmup)
         except BaseException:
             executor.shutdown(wait=False)
@@ -118,14 +138,22 @@ class EngineWorker:
         ]
         return worker
 
+    @classmethod
+    async def _start_async(cls, engine: AsyncEngine, config: EngineConfig) -> EngineWorker:
+        await engine.start()
+        worker = cls(engine, config)
+        worker._tasks = [asyncio.create_task(worker._dispatch(), name="engine-dispatch")]
+        return worker
+
     @property
     def queue_depth(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
     @property
     def degraded(self) -> bool:
-        """An engine call passed the watchdog and has still not returned."""
-        return bool(self._hung)
+        """An engine call passed the watchdog and has still not returned, or an
+        ``AsyncEngine`` cannot serve at all (its backends unreachable)."""
+        return bool(self._hung) or (isinstance(self.engine, AsyncEngine) and self.engine.degraded)
 
     def lag_ms(self) -> float:
         """How long the oldest final still waiting for the engine has waited: 0 when none
@@ -174,6 +202,9 @@ class EngineWorker:
                 job = queue.popleft()
                 if not job.future.done():
                     job.future.set_exception(EngineError("server shutting down", "shutdown"))
+        if isinstance(self.engine, AsyncEngine):
+            await self._close_async(self.engine)
+            return
         loop = asyncio.get_running_loop()
         closing = loop.run_in_executor(self._executor, self.engine.close)
         try:
@@ -218,7 +249,7 @@ class EngineWorker:
                     )
                     continue
                 batch.append(job)
-                if job.started is not None:
+                if job.started is not None and not isinstance(self.engine, AsyncEngine):
                     job.started.set()
             if batch:
                 break  # never mix interims into a batch of finals: finals return sooner
@@ -239,6 +270,12 @@ class EngineWorker:
                 results = [exc] * len(batch)  # a hung engine would hang again item by item
         except Exception as exc:
             results = [exc] if len(batch) == 1 else await self._one_by_one(requests)
+        self._deliver(batch, results, started)
+
+    def _deliver(
+        self, batch: list[_Job], results: Sequence[EngineResult | BaseException], started: float
+    ) -> None:
+        """Hand each job its text or its error; count them (metrics)."""
         engine_ms = (time.perf_counter() - started) * 1000
         if self.on_batch is not None:
             self.on_batch(batch[0].priority, len(batch), engine_ms / 1000)
@@ -284,6 +321,7 @@ class EngineWorker:
 
     async def _call(self, requests: list[EngineRequest]) -> list[EngineResult]:
         """One ``Engine.transcribe`` on the engine's threads, bounded by the watchdog."""
+        assert isinstance(self.engine, Engine)
         executor = self._executor
         future = executor.submit(self.engine.transcribe, requests)
         try:
@@ -312,3 +350,78 @@ class EngineWorker:
             self._executor = ThreadPoolExecutor(max_workers=self.lanes, thread_name_prefix="engine")
             # The other lanes' calls on the old pool still finish; the pool then winds down.
             executor.shutdown(wait=False)
+
+    # -- an AsyncEngine: requests on the event loop ---------------------------------------
+
+    def _async_finals_only(self) -> bool:
+        """One slot is kept for finals (as lane 0 is on a threaded engine), so a final never
+        waits for interims to come back."""
+        return self.lanes > 1 and len(self._requests) >= self.lanes - 1
+
+    def _may_start(self) -> bool:
+        return len(self._requests) < self.lanes and self._has_work(self._async_finals_only())
+
+    async def _dispatch(self) -> None:
+        """Start queued requests, best priority first, while a slot is free."""
+        assert isinstance(self.engine, AsyncEngine)
+        engine = self.engine
+        while True:
+            async with self._work:
+                await self._work.wait_for(self._may_start)
+            for job in self._take_batch(self._async_finals_only()):
+                task = asyncio.create_task(self._run_request(engine, job), name="engine-request")
+                self._requests[task] = job
+                job.future.add_done_callback(_stop_if_withdrawn(task))
+
+    async def _run_request(self, engine: AsyncEngine, job: _Job) -> None:
+        started = time.perf_counter()
+        result: EngineResult | BaseException
+        try:
+            try:
+                # The engine bounds its own requests; the watchdog is the backstop.
+                async with asyncio.timeout(self._config.watchdog_s):
+                    result = await engine.transcribe_one(job.request)
+            except TimeoutError:
+                result = EngineError(
+                    f"the engine did not answer within {self._config.watchdog_s:g} s",
+                    "engine_timeout",
+                )
+            except Exception as exc:
+                result = exc
+            if isinstance(result, EngineError) and result.code == "engine_timeout":
+                self.timeouts += 1
+            self._deliver([job], [result], started)
+        finally:
+            task = asyncio.current_task()
+            if task is not None:
+                self._requests.pop(task, None)
+            async with self._work:
+                self._work.notify_all()  # a slot is free
+
+    async def _close_async(self, engine: AsyncEngine) -> None:
+        requests = dict(self._requests)
+        for task in requests:
+            task.cancel()
+        for task, job in requests.items():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            if not job.future.done():
+                job.future.set_exception(EngineError("server shutting down", "shutdown"))
+        self._requests.clear()
+        try:
+            await asyncio.wait_for(engine.aclose(), self._config.watchdog_s)
+        except TimeoutError:
+            log.error("the engine did not close within %g s", self._config.watchdog_s)
+        self._executor.shutdown(wait=False)
+
+
+def _stop_if_withdrawn(
+    task: asyncio.Task[None],
+) -> Callable[[asyncio.Future[Transcription]], None]:
+    """The caller withdrew the request (cancelled its await): cancel the request itself."""
+
+    def stop(future: asyncio.Future[Transcription]) -> None:
+        if future.cancelled():
+            task.cancel()
+
+    return stop
