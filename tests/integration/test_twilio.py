@@ -7,6 +7,8 @@ package. Everything on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from collections.abc import Sequence
 from typing import Any
 from xml.etree import ElementTree as ET
@@ -18,6 +20,7 @@ import pytest
 
 from agent.engines.base import Engine
 from signaling.app import start_server
+from signaling.cli import _JsonFormatter
 from tests.conftest import BECKETT_PHRASES, make_config, normalise
 from tests.integration.test_robustness import Echo, wait_for
 from tests.integration.twilio_support import (
@@ -40,11 +43,14 @@ def heard(events: Sequence[dict[str, Any]]) -> list[str]:
 
 
 async def test_a_phone_call_reaches_subscribers_and_the_webhook(
-    embedded_engine: Engine, beckett_audio: npt.NDArray[np.float32]
+    embedded_engine: Engine,
+    beckett_audio: npt.NDArray[np.float32],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """beckett over a signed ``<Connect><Stream>`` (inbound only), in real time: a subscriber
     from the start, one that joins late (the completed items so far first), and the webhook
     (whose first POST fails: retried) all get the six phrases, with the call's SID."""
+    caplog.set_level(logging.INFO)
     async with WebhookReceiver(fail_first=1) as hook:
         config = make_config(
             SERVER__AUTH_TOKENS=TOKEN,
@@ -86,6 +92,16 @@ async def test_a_phone_call_reaches_subscribers_and_the_webhook(
             assert all(e["type"] == COMPLETED for e in posted)
             assert hook.attempts == 7  # one retry
             await wait_for(lambda: not server.state.twilio_streams and not server.state.hubs, 5)
+            # The logs name the call: its session's records carry the SID and the track, and
+            # the JSON log format writes them out.
+            ended = [
+                r
+                for r in caplog.records
+                if getattr(r, "call_sid", None) == stream.call_sid and "ended" in r.getMessage()
+            ]
+            assert ended, [r.getMessage() for r in caplog.records][-20:]
+            line = json.loads(_JsonFormatter().format(ended[0]))
+            assert (line["call_sid"], line["track"]) == (stream.call_sid, "inbound")
         finally:
             await server.stop()
 
