@@ -92,12 +92,18 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> 
     return "\n".join(lines)
 
 
-def process_cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU time of a whole process (all its threads), from ``/proc/PID/stat``."""
+def process_cpu_seconds(pid: int | None = None, children: bool = False) -> float:
+    """User + system CPU time of a whole process (all its threads), from ``/proc/PID/stat``.
+
+    ``children``: plus that of its children that have exited and been waited for
+    (``cutime`` + ``cstime``; a server's file decoder processes, one per request). A child
+    is counted when it is reaped, not while it runs."""
     stat = Path(f"/proc/{pid or os.getpid()}/stat").read_text()
     # The command name (field 2) may hold spaces: count fields after its closing ')'.
     fields = stat[stat.rindex(")") + 2 :].split()
     utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    if children:
+        utime += int(fields[13]) + int(fields[14])  # cutime, cstime: fields 16 and 17
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
 
