@@ -43,6 +43,10 @@ class ServerConfig:
     cors_origins: tuple[str, ...] = ()
     #: On SIGTERM: how long open calls get to finish their utterances before they are closed.
     shutdown_grace_s: float = 10.0
+    #: PEM certificate chain and private key: both set serves the page, the API and the
+    #: WebSockets over TLS (https, wss); both empty serves plain http (behind a TLS proxy).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
 
     def validate(self) -> None:
         _check(
@@ -70,6 +74,11 @@ class ServerConfig:
                 f"must be '*' or an origin like https://app.example.com (no path), got {origin!r}",
             )
         _check(0 <= self.shutdown_grace_s <= 600, "server.shutdown_grace_s", "must be 0..600")
+        _check(
+            bool(self.tls_cert_file) == bool(self.tls_key_file),
+            "server.tls_cert_file" if not self.tls_cert_file else "server.tls_key_file",
+            "server.tls_cert_file and server.tls_key_file go together (both set, or both empty)",
+        )
 
     @property
     def web_path(self) -> Path:
@@ -96,8 +105,23 @@ class IceServer:
 class WebRTCConfig:
     #: IP addresses the server gathers ICE host candidates on; empty means every interface.
     host_addresses: tuple[str, ...] = ()
-    #: STUN/TURN servers used by the server and handed to the page through ``/api/config``.
+    #: ``[first, last]``: every UDP port the server's ICE candidates use lies in this range
+    #: (inclusive), so a firewall rule can name it; empty = any port the system picks.
+    udp_ports: tuple[int, ...] = ()
+    #: The address callers reach this server at through a 1:1 NAT (a cloud VM's public IP):
+    #: announced in the host candidates instead of the bound address, same port.
+    public_address: str = ""
+    #: STUN/TURN servers handed to the page through ``/api/config``; the server itself uses
+    #: their STUN URLs (its TURN relay would be a port outside ``udp_ports``, and a caller's
+    #: relay reaches the server's own candidates).
     ice_servers: tuple[IceServer, ...] = ()
+    #: coturn's ``static-auth-secret`` (``use-auth-secret``): TURN entries of ``ice_servers``
+    #: without a username get short-lived credentials minted for each ``/api/config``.
+    #: Best set from the environment: ``VOXTRAL_RTC_WEBRTC__TURN_SECRET``.
+    turn_secret: str = ""
+    #: How long such credentials stay valid; coturn checks them on every allocation refresh,
+    #: so this is also the longest a relayed call lasts.
+    turn_ttl_s: int = 3600
     #: Label of the data channel carrying the OpenAI Realtime events.
     data_channel: str = "oai-events"
     #: Newer audio frames a received frame waits for before decoding: 0 hands each frame on
@@ -110,8 +134,44 @@ class WebRTCConfig:
                 ipaddress.ip_address(addr)
             except ValueError:
                 raise ConfigError(f"webrtc.host_addresses: {addr!r} is not an IP address") from None
+        _check(
+            len(self.udp_ports) in (0, 2)
+            and all(1024 <= p <= 65535 for p in self.udp_ports)
+            and (not self.udp_ports or self.udp_ports[0] <= self.udp_ports[1]),
+            "webrtc.udp_ports",
+            f"must be empty or [first, last] with 1024 <= first <= last <= 65535, got "
+            f"{list(self.udp_ports)}",
+        )
+        if self.public_address:
+            try:
+                ipaddress.ip_address(self.public_address)
+            except ValueError:
+                raise ConfigError(
+                    f"webrtc.public_address: {self.public_address!r} is not an IP address"
+                ) from None
         for server in self.ice_servers:
             server.validate()
+            turn = any(url.startswith(("turn:", "turns:")) for url in server.urls)
+            if turn and self.turn_secret:
+                _check(
+                    not server.username and not server.credential,
+                    "webrtc.ice_servers",
+                    "a TURN server gets per-call credentials from webrtc.turn_secret: "
+                    "leave its username and credential empty",
+                )
+            elif turn:
+                _check(
+                    bool(server.username and server.credential),
+                    "webrtc.ice_servers",
+                    "a TURN server needs a username and credential, or webrtc.turn_secret",
+                )
+        _check(
+            not self.turn_secret
+            or any(u.startswith(("turn:", "turns:")) for s in self.ice_servers for u in s.urls),
+            "webrtc.turn_secret",
+            "is set but webrtc.ice_servers names no turn: or turns: URL",
+        )
+        _check(60 <= self.turn_ttl_s <= 7 * 86400, "webrtc.turn_ttl_s", "must be 60..604800")
         _check(
             0 <= self.jitter_prefetch_frames <= 15, "webrtc.jitter_prefetch_frames", "must be 0..15"
         )

@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from agent.config import Config
+from agent.config import Config, ServerConfig
 from agent.engines.base import Engine
+from agent.errors import ConfigError
 from agent.transports.webrtc_peer import restrict_host_addresses
 from signaling.errors import ERROR_CODE, Handler, error_middleware
 from signaling.routes import setup_routes
@@ -89,6 +91,35 @@ def _probe_dead_peers(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
+def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
+    """The TLS context of ``server.tls_cert_file`` / ``tls_key_file``; ``None`` for plain http.
+
+    Read at start-up, so that a missing, unreadable or mismatched file stops the server with
+    a message naming the key instead of failing every handshake later.
+    """
+    if not config.tls_cert_file:
+        return None
+    for key, path in (
+        ("server.tls_cert_file", config.tls_cert_file),
+        ("server.tls_key_file", config.tls_key_file),
+    ):
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"server.tls_cert_file, server.tls_key_file: {config.tls_cert_file} and "
+            f"{config.tls_key_file} are not a PEM certificate chain and its private key "
+            f"({exc.reason or exc})"
+        ) from None
+    return context
+
+
 @dataclass
 class RunningServer:
     """A started server: its runner, bound address and state (used by the CLI and tests)."""
@@ -97,6 +128,7 @@ class RunningServer:
     runner: web.AppRunner
     host: str
     port: int
+    tls: bool = False
 
     @property
     def state(self) -> ServerState:
@@ -104,7 +136,7 @@ class RunningServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     async def stop(self) -> None:
         await self.runner.cleanup()
@@ -117,7 +149,9 @@ async def start_server(
 
     With ``wait_ready`` the engine load is awaited and its failure raised (and the listener
     closed); without it, loading continues in the background and ``/readyz`` reports it.
+    ``ConfigError`` when the TLS files cannot be used (before anything listens).
     """
+    ssl_context = tls_context(config.server)
     app = create_app(config)
     # In-flight requests get the shutdown grace (after ``drain`` there should be none left).
     runner = web.AppRunner(
@@ -131,14 +165,18 @@ async def start_server(
         keepalive_timeout=IDLE_CONNECTION_S,
     )
     await runner.setup()
-    site = web.TCPSite(runner, config.server.host, config.server.port)
-    await site.start()
+    site = web.TCPSite(runner, config.server.host, config.server.port, ssl_context=ssl_context)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
     server = site._server
     assert server is not None and hasattr(server, "sockets")
     for sock in server.sockets:
         _probe_dead_peers(sock)
     port = server.sockets[0].getsockname()[1]
-    running = RunningServer(app, runner, config.server.host, port)
+    running = RunningServer(app, runner, config.server.host, port, tls=ssl_context is not None)
     load = running.state.load(engine)
     if wait_ready:
         try:

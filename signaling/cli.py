@@ -66,6 +66,9 @@ async def _serve(config: Config) -> int:
     log.info("loading engine %s ...", config.engine.kind)
     try:
         server = await start_server(config)
+    except ConfigError as exc:
+        print(f"voxtral-rtc: configuration error: {exc}", file=sys.stderr)
+        return 2
     except EngineLoadError as exc:
         log.error("cannot start: %s", exc)
         return 1

@@ -9,6 +9,7 @@ import hmac
 import ipaddress
 import logging
 import math
+import time
 from typing import Any
 
 from aiohttp import web
@@ -18,7 +19,7 @@ from aiortc.sdp import SessionDescription, candidate_from_sdp
 from agent.config import Config, WebRTCConfig
 from agent.transports.webrtc import WebRtcCall
 from agent.transports.webrtc_peer import (
-    ice_servers_for_browser,
+    UdpPortsExhausted,
     new_peer_connection,
     set_audio_jitter_prefetch,
 )
@@ -28,6 +29,7 @@ from signaling.ratelimit import TokenBucketLimiter
 from signaling.realtime import setup_realtime_routes
 from signaling.state import STATE, CallRecord, ServerState
 from signaling.transcriptions import setup_transcription_routes
+from signaling.turn_credentials import ice_servers_for_page
 from signaling.twilio import setup_twilio_routes
 
 log = logging.getLogger(__name__)
@@ -221,7 +223,12 @@ async def _answer(
     set_audio_jitter_prefetch(pc, config.jitter_prefetch_frames)
     try:
         answer = await pc.createAnswer()
-        await pc.setLocalDescription(answer)
+        await pc.setLocalDescription(answer)  # gathers the server's ICE candidates
+    except UdpPortsExhausted as exc:
+        # webrtc.udp_ports is full: refused now, rather than a call with no candidates.
+        raise ApiError(
+            503, exc.code, str(exc), type_="server_error", headers={"Retry-After": "10"}
+        ) from None
     except Exception as exc:
         log.info("cannot answer SDP offer: %r", exc)
         raise ApiError(400, "invalid_sdp", "the SDP offer could not be answered") from None
@@ -365,15 +372,18 @@ def _ufrag(line: str) -> str | None:
 
 
 async def page_config(request: web.Request) -> web.Response:
+    """``GET /api/config``: what the page needs for a call, TURN credentials minted for it
+    (never cached: each call's credentials are its own)."""
     state = request.app[STATE]
     engine = state.worker.engine.name if state.worker is not None else None
     return web.json_response(
         {
-            "ice_servers": ice_servers_for_browser(state.config.webrtc),
+            "ice_servers": ice_servers_for_page(state.config.webrtc, time.time()),
             "data_channel": state.config.webrtc.data_channel,
             "engine": engine,
             "ready": state.status == "ready",
-        }
+        },
+        headers={"Cache-Control": "no-store"},
     )
 
 

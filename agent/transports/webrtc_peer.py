@@ -5,11 +5,19 @@ Nothing else in the project touches aioice internals or builds an ``RTCConfigura
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import logging
+import random
+import socket
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import aioice.ice
+import aioice.turn
+from aioice.candidate import Candidate, candidate_foundation, candidate_priority
 from aiortc import (
     RTCConfiguration,
     RTCIceServer,
@@ -28,6 +36,7 @@ from aiortc.rtcsctptransport import (
 )
 
 from agent.config import WebRTCConfig
+from agent.errors import VoxtralRtcError
 from agent.events import MAX_CLIENT_MESSAGE
 
 log = logging.getLogger(__name__)
@@ -55,7 +64,7 @@ def restrict_host_addresses(addresses: Sequence[str]) -> None:
 
 
 def rtc_configuration(config: WebRTCConfig) -> RTCConfiguration:
-    """The peer configuration with the configured STUN/TURN servers.
+    """A client peer's configuration with the configured STUN/TURN servers.
 
     An explicit empty list matters: given ``None``, aiortc falls back to Google's public STUN
     server, which would send traffic off the machine without the operator asking for it.
@@ -69,8 +78,178 @@ def rtc_configuration(config: WebRTCConfig) -> RTCConfiguration:
     return RTCConfiguration(iceServers=servers)
 
 
+def server_rtc_configuration(config: WebRTCConfig) -> RTCConfiguration:
+    """The server peer's configuration: the STUN URLs of ``webrtc.ice_servers`` only.
+
+    TURN entries are for callers (``/api/config``). A relay of the server's own would be
+    one more allocation per call, from a UDP socket aioice binds on a port outside
+    ``webrtc.udp_ports``; a caller's relay already reaches the server's host candidates.
+    """
+    stun = [u for s in config.ice_servers for u in s.urls if u.startswith("stun:")]
+    return RTCConfiguration(iceServers=[RTCIceServer(urls=stun)] if stun else [])
+
+
+class UdpPortsExhausted(VoxtralRtcError):
+    """Every port of ``webrtc.udp_ports`` is taken: the call is refused while it is offered."""
+
+    code = "too_many_calls"
+
+
+@dataclass(frozen=True)
+class HostSockets:
+    """Where a server peer's ICE host candidates live: the ports and the announced address."""
+
+    #: Inclusive ``(first, last)``, or ``None`` for any port the system picks.
+    ports: tuple[int, int] | None = None
+    #: Announced in place of the bound address (1:1 NAT); empty: the bound address itself.
+    public_address: str = ""
+
+    @classmethod
+    def from_config(cls, config: WebRTCConfig) -> HostSockets:
+        first_last = (config.udp_ports[0], config.udp_ports[1]) if config.udp_ports else None
+        return cls(first_last, config.public_address)
+
+    @property
+    def custom(self) -> bool:
+        return self.ports is not None or bool(self.public_address)
+
+    def bind(self, address: str) -> socket.socket:
+        """A UDP socket on ``address`` and a free port of the range (any port without one).
+
+        The range is tried from a random port on, so a port a call just released is rarely
+        the next call's. ``UdpPortsExhausted`` when no port of the range is free.
+        """
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        if self.ports is None:
+            candidates: Sequence[int] = [0]
+        else:
+            first, last = self.ports
+            start = random.randint(first, last)
+            candidates = [*range(start, last + 1), *range(first, start)]
+        for port in candidates:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                sock.bind((address, port))
+            except OSError as exc:
+                sock.close()
+                if self.ports is not None and exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                    continue
+                raise
+            sock.setblocking(False)
+            return sock
+        assert self.ports is not None
+        raise UdpPortsExhausted(
+            f"every UDP port of webrtc.udp_ports {list(self.ports)} on {address} is in use"
+        )
+
+    def announced(self, bound: str) -> str:
+        """The address a host candidate on ``bound`` names: the public one of its family."""
+        if self.public_address and (":" in self.public_address) == (":" in bound):
+            return self.public_address
+        return bound
+
+
+async def _host_candidates(
+    connection: aioice.ice.Connection,
+    sockets: HostSockets,
+    component: int,
+    addresses: list[str],
+    timeout: int = 5,
+) -> list[Candidate]:
+    """aioice's ``Connection.get_component_candidates`` with our own sockets.
+
+    aioice (0.13) binds each host candidate to port 0 and names the bound address: no port
+    range, no 1:1 NAT address. Same steps, same candidates otherwise: a host candidate per
+    address (an address that cannot be bound is skipped, as aioice does), and a
+    server-reflexive one per IPv4 host socket when a STUN server is configured. No TURN: the
+    server peer is never given one (``server_rtc_configuration``).
+    """
+    bound: list[socket.socket] = []
+    try:
+        for address in addresses:
+            try:
+                bound.append(sockets.bind(address))
+            except OSError as exc:  # UdpPortsExhausted is not one: it refuses the call
+                log.info("cannot bind an ICE socket on %s: %s", address, exc)
+    except BaseException:
+        for sock in bound:
+            sock.close()
+        raise
+    loop = asyncio.get_running_loop()
+    protocols: list[aioice.ice.StunProtocol] = []
+    candidates: list[Candidate] = []
+    for sock in bound:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, aioice.turn.UDP_SOCKET_BUFFER_SIZE)
+        host, port = sock.getsockname()[:2]
+        _, protocol = await loop.create_datagram_endpoint(
+            lambda: aioice.ice.StunProtocol(connection), sock=sock
+        )
+        announced = sockets.announced(host)
+        protocol.local_candidate = Candidate(
+            foundation=candidate_foundation("host", "udp", announced),
+            component=component,
+            transport="udp",
+            priority=candidate_priority(component, "host"),
+            host=announced,
+            port=port,
+            type="host",
+        )
+        protocols.append(protocol)
+        candidates.append(protocol.local_candidate)
+    # Registered at once, as aioice does: closing the connection closes them.
+    connection._protocols += protocols
+    stun_server = connection.stun_server
+    if stun_server is not None:
+        tasks = [
+            asyncio.create_task(aioice.ice.server_reflexive_candidate(p, stun_server))
+            for p in protocols
+            if ":" not in p.local_candidate.host
+        ]
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            candidates += [t.result()[0] for t in done if t.exception() is None]
+    return candidates
+
+
+def _gather_with(connection: aioice.ice.Connection, sockets: HostSockets) -> None:
+    """Make ``connection`` gather its host candidates through ``sockets`` (once)."""
+
+    async def gather(component: int, addresses: list[str], timeout: int = 5) -> list[Candidate]:
+        return await _host_candidates(connection, sockets, component, addresses, timeout)
+
+    if not getattr(connection, "_voxtral_sockets", False):
+        connection._voxtral_sockets = True  # type: ignore[attr-defined]
+        connection.get_component_candidates = gather  # type: ignore[method-assign]
+
+
+def _without_mdns_candidates(sdp: str) -> str:
+    """The offer without ``a=candidate`` lines naming a ``.local`` host.
+
+    aioice resolves an mDNS candidate by multicasting on the server's LAN from port 5353
+    (outside ``webrtc.udp_ports``), on the caller's say-so; trickled ones are refused for the
+    same reason (``routes._candidate``). A browser that has microphone access offers its
+    addresses anyway.
+    """
+    lines = sdp.split("\r\n") if "\r\n" in sdp else sdp.split("\n")
+    sep = "\r\n" if "\r\n" in sdp else "\n"
+    kept = [
+        line
+        for line in lines
+        if not (
+            line.startswith("a=candidate:")
+            and len(line.split()) > 4
+            and line.split()[4].lower().endswith(".local")
+        )
+    ]
+    return sep.join(kept)
+
+
 def new_peer_connection(config: WebRTCConfig) -> RTCPeerConnection:
-    return ServerPeerConnection(configuration=rtc_configuration(config))
+    return ServerPeerConnection(
+        configuration=server_rtc_configuration(config), sockets=HostSockets.from_config(config)
+    )
 
 
 #: Largest data-channel message a peer may send us: advertised in the SDP answer
@@ -89,16 +268,42 @@ MESSAGE_TOO_LARGE = "message_too_large"
 
 
 class ServerPeerConnection(RTCPeerConnection):
-    """The server's peer: its SCTP reassembly is bounded by ``MAX_MESSAGE_BYTES``.
+    """The server's peer: its SCTP reassembly is bounded by ``MAX_MESSAGE_BYTES``, and its
+    ICE host candidates use ``sockets`` (port range, announced address).
 
     aiortc creates the SCTP transport while it applies the offer: the bound goes in right
     after, before any data arrives and before the answer (which then advertises it) is made.
+    Candidates are gathered while the answer is set as the local description: the ICE
+    connections get our sockets just before.
     """
 
+    def __init__(
+        self, configuration: RTCConfiguration | None = None, sockets: HostSockets | None = None
+    ) -> None:
+        super().__init__(configuration=configuration)
+        self._sockets = sockets or HostSockets()
+
     async def setRemoteDescription(self, sessionDescription: RTCSessionDescription) -> None:
-        await super().setRemoteDescription(sessionDescription)
+        offer = RTCSessionDescription(
+            sdp=_without_mdns_candidates(sessionDescription.sdp), type=sessionDescription.type
+        )
+        await super().setRemoteDescription(offer)
         if self.sctp is not None:
             bound_inbound_messages(self.sctp, MAX_MESSAGE_BYTES, self._message_too_large)
+
+    async def setLocalDescription(
+        self, sessionDescription: RTCSessionDescription | None = None
+    ) -> None:
+        if self._sockets.custom:
+            for gatherer in self._ice_gatherers():
+                _gather_with(gatherer._connection, self._sockets)
+        await super().setLocalDescription(sessionDescription)
+
+    def _ice_gatherers(self) -> list[Any]:
+        dtls = [t.receiver.transport for t in self.getTransceivers()]
+        if self.sctp is not None:
+            dtls.append(self.sctp.transport)
+        return [d.transport.iceGatherer for d in dtls if d is not None]
 
     def _message_too_large(self) -> None:
         self.emit(MESSAGE_TOO_LARGE)
@@ -287,19 +492,6 @@ def set_audio_jitter_prefetch(pc: RTCPeerConnection, frames: int) -> None:
             else JitterBuffer(capacity=16, prefetch=frames)
         )
         receiver._RTCRtpReceiver__jitter_buffer = buffer
-
-
-def ice_servers_for_browser(config: WebRTCConfig) -> list[dict[str, object]]:
-    """The ``iceServers`` list the page passes to ``new RTCPeerConnection``."""
-    out: list[dict[str, object]] = []
-    for s in config.ice_servers:
-        entry: dict[str, object] = {"urls": list(s.urls)}
-        if s.username:
-            entry["username"] = s.username
-        if s.credential:
-            entry["credential"] = s.credential
-        out.append(entry)
-    return out
 
 
 async def close_peer(pc: RTCPeerConnection) -> None:
