@@ -23,6 +23,7 @@ import argparse
 import json
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -35,9 +36,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 
 
-def chromium_args(wav: Path) -> list[str]:
-    """The flags of DESIGN §6: a fake, auto-granted microphone playing ``wav`` once."""
+def chromium_args(wav: Path, trusted_spki: str = "") -> list[str]:
+    """The flags of DESIGN §6: a fake, auto-granted microphone playing ``wav`` once; with
+    ``trusted_spki``, the test's TLS certificate (that key only) is trusted."""
+    trust = [f"--ignore-certificate-errors-spki-list={trusted_spki}"] if trusted_spki else []
     return [
+        *trust,
         "--use-fake-ui-for-media-stream",
         "--use-fake-device-for-media-stream",
         f"--use-file-for-fake-audio-capture={wav}%noloop",
@@ -85,9 +89,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(work_dir: Path) -> Path:
+def write_config(work_dir: Path, tls: tuple[str, str] | None = None) -> Path:
     # JSON is valid YAML, so no YAML writer is needed here.
-    config = {"webrtc": {"host_addresses": ["127.0.0.1"]}, "audio": {"idle_timeout_s": 10}}
+    config: dict[str, Any] = {
+        "webrtc": {"host_addresses": ["127.0.0.1"]},
+        "audio": {"idle_timeout_s": 10},
+    }
+    if tls is not None:
+        config["server"] = {"tls_cert_file": tls[0], "tls_key_file": tls[1]}
     path = work_dir / "config.yaml"
     path.write_text(json.dumps(config, indent=2) + "\n")
     return path
@@ -115,8 +124,15 @@ def stop_server(proc: subprocess.Popen[bytes]) -> int | None:
     return proc.returncode
 
 
-def wait_ready(base: str, proc: subprocess.Popen[bytes], deadline: Deadline, cap: float) -> float:
-    """Polls ``/readyz`` until it answers 200; returns the seconds it took."""
+def wait_ready(
+    base: str,
+    proc: subprocess.Popen[bytes],
+    deadline: Deadline,
+    cap: float,
+    context: ssl.SSLContext | None = None,
+) -> float:
+    """Polls ``/readyz`` until it answers 200 (``context``: the TLS trust for https); returns
+    the seconds it took."""
     t0 = time.monotonic()
     limit = deadline.left(cap)
     last = "no answer"
@@ -124,7 +140,7 @@ def wait_ready(base: str, proc: subprocess.Popen[bytes], deadline: Deadline, cap
         if proc.poll() is not None:
             raise Failure("server", f"the server exited with code {proc.returncode}")
         try:
-            with urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:
+            with urllib.request.urlopen(f"{base}/readyz", timeout=2, context=context) as response:
                 if response.status == 200:
                     return time.monotonic() - t0
                 last = f"HTTP {response.status}"
@@ -201,6 +217,7 @@ def drive_browser(
     words: list[str],
     deadline: Deadline,
     result: dict[str, Any],
+    trusted_spki: str = "",
 ) -> None:
     from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import sync_playwright
@@ -211,7 +228,7 @@ def drive_browser(
             str(work_dir / "profile"),  # a fresh profile every run
             executable_path=CHROMIUM,
             headless=True,
-            args=chromium_args(wav),
+            args=chromium_args(wav, trusted_spki),
             viewport={"width": 1024, "height": 900},
             timeout=deadline.left(30) * 1000,
         )
@@ -223,6 +240,9 @@ def drive_browser(
             page.set_default_timeout(10_000)
             page.goto(f"{base}/", wait_until="load", timeout=deadline.left(15) * 1000)
             result["title"] = page.title()
+            result["origin"] = page.evaluate("() => location.origin")
+            # getUserMedia exists only in a secure context (https, or localhost).
+            result["secure_context"] = page.evaluate("() => window.isSecureContext")
             result["state_before"] = page.locator("#state").get_attribute("data-state")
 
             t_start = time.monotonic()
@@ -279,6 +299,9 @@ def main() -> int:
         help="JSON list replacing the server command ({config} and {port} are filled in); "
         "for trying the page against another server",
     )
+    parser.add_argument("--tls-cert", default="", help="serve https with this PEM certificate")
+    parser.add_argument("--tls-key", default="", help="... and this PEM key")
+    parser.add_argument("--trust-spki", default="", help="base64 SHA-256 of the cert's key")
     args = parser.parse_args()
 
     # SIGTERM (from the test's own timeout) must still run the clean-up below.
@@ -293,7 +316,8 @@ def main() -> int:
     try:
         assert_loopback_only()
         port = free_port()
-        config = write_config(work_dir)
+        tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
+        config = write_config(work_dir, tls)
         if args.server_cmd:
             cmd = [part.format(config=config, port=port) for part in json.loads(args.server_cmd)]
         else:
@@ -301,14 +325,17 @@ def main() -> int:
                 sys.executable, "-m", "signaling.cli", "serve",
                 "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
             ]  # fmt: skip
-        base = f"http://127.0.0.1:{port}"
+        base = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+        context = ssl.create_default_context(cafile=args.tls_cert) if tls else None
         result["stage"] = "server"
         server = start_server(cmd, log_path)
         result["server_pid"] = server.pid
-        result["ready_s"] = round(wait_ready(base, server, deadline, args.ready_timeout_s), 2)
+        ready_s = wait_ready(base, server, deadline, args.ready_timeout_s, context)
+        result["ready_s"] = round(ready_s, 2)
 
         result["stage"] = "browser"
-        drive_browser(base, args.wav.resolve(), work_dir, args.words.split(), deadline, result)
+        words = args.words.split()
+        drive_browser(base, args.wav.resolve(), work_dir, words, deadline, result, args.trust_spki)
         if result["stage"] == "browser":
             result["stage"] = "done"
             result["ok"] = True

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import wave
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,10 +107,10 @@ def skip_reason() -> str | None:
     return None
 
 
-def run_helper(wav: Path, work_dir: Path) -> dict[str, Any]:
+def run_helper(wav: Path, work_dir: Path, extra: Sequence[str] = ()) -> dict[str, Any]:
     helper = [
         sys.executable, str(HELPER), "--wav", str(wav), "--work-dir", str(work_dir),
-        "--deadline-s", str(HELPER_DEADLINE_S), "--words", " ".join(KEYWORDS),
+        "--deadline-s", str(HELPER_DEADLINE_S), "--words", " ".join(KEYWORDS), *extra,
     ]  # fmt: skip
     # lo starts down in a new namespace; bring it up, then become the helper (same PID).
     inner = f"ip link set lo up && exec {shlex.join(helper)}"
@@ -245,3 +246,28 @@ def test_browser_shows_growing_grey_text_then_the_final(tmp_path: Path) -> None:
     after = [e for e in log[finals[item] :] if e["item_id"] == item and e["kind"] == "interim"]
     assert after and after[0]["text"] == "", detail
     assert set(words(texts[-1])) <= set(words(final["text"])), (texts[-1], final["text"])
+
+
+def test_browser_call_over_https(tmp_path: Path) -> None:
+    """The page, its API and its call over TLS (``server.tls_cert_file``), with a certificate
+    made here that Chromium trusts by its key alone: a secure context, as a browser on
+    another machine needs for the microphone."""
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from tests.tls_cert import make_test_cert
+
+    cert = make_test_cert(tmp_path / "tls", ["127.0.0.1"])
+    wav = tmp_path / "beckett_padded.wav"
+    write_padded_wav(BECKETT, wav)
+    tls = ["--tls-cert", str(cert.cert_file), "--tls-key", str(cert.key_file)]
+    result = run_helper(wav, tmp_path / "run", [*tls, "--trust-spki", cert.spki_sha256])
+    detail = explain(result)
+    assert result["ok"], f"the call did not produce the expected words\n{detail}"
+    assert result["origin"].startswith("https://127.0.0.1:"), detail
+    assert result["secure_context"] is True, detail
+    assert result["state_after_start"] == "connected", detail
+    assert (result.get("page") or {}).get("error") is None, detail
+    finals = [u["final"] for u in result["page"]["utterances"] if u.get("status") == "final"]
+    missing = [w for w in KEYWORDS if w not in words(" ".join(finals))]
+    assert not missing, f"missing words {missing} in {finals}\n{detail}"
