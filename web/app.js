@@ -484,6 +484,8 @@ async function start() {
     if (call !== c) return stopTracks(c.stream);
     startMeter(c.stream, c);
 
+    // The server's STUN/TURN list, fetched afresh for every call: TURN entries carry
+    // credentials minted for this call alone (webrtc.turn_secret), valid for a limited time.
     c.pc = new RTCPeerConnection({ iceServers: config.ice_servers || [] });
     for (const track of c.stream.getAudioTracks()) c.pc.addTrack(track, c.stream);
     // We create the channel so that the offer carries it (the server never has to offer one).
