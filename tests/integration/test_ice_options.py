@@ -32,7 +32,8 @@ PUBLIC = "198.51.100.7"  # TEST-NET-2: documentation only, never routed
 def free_range(size: int) -> tuple[int, int]:
     """``size`` consecutive UDP ports on 127.0.0.1 that are free right now."""
     for _ in range(200):
-        first = random.randint(20_000, 60_000 - size)
+        # Below Linux's ephemeral range (32768+), where other programs' sockets land.
+        first = random.randint(20_000, 32_000 - size)
         socks = []
         try:
             for port in range(first, first + size):
