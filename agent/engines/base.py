@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from agent.errors import EngineError
+
 SAMPLE_RATE = 16_000
 
 Samples = npt.NDArray[np.float32]
@@ -166,6 +168,16 @@ class StreamingEngine(Engine):
         Raises ``EngineError`` (code ``too_many_calls``) when taking one more stream would
         make the open ones fall behind real time, or ``invalid_value`` for a bad delay.
         """
+
+    def check_delay(self, delay_ms: int) -> None:
+        """Raise ``EngineError`` (``invalid_value``) unless streams may use ``delay_ms``."""
+        step = self.frame_ms
+        if delay_ms % step or not self.min_delay_ms <= delay_ms <= self.max_delay_ms:
+            raise EngineError(
+                f"delay_ms must be a multiple of {step} in "
+                f"[{self.min_delay_ms}, {self.max_delay_ms}], not {delay_ms}",
+                "invalid_value",
+            )
 
     @abstractmethod
     def admits(self) -> bool:

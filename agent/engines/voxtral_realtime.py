@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +97,8 @@ class _Stream(EngineStream):
         self.audio = StreamAudio(self.delay_tokens)
         self.text = text
         self.last_token = 0
+        #: Every token decoded, in order (what tests compare with transformers' generate).
+        self.token_ids: list[int] = []
         self.closed = False
         self.done_sent = False
 
@@ -155,6 +158,8 @@ class VoxtralRealtimeEngine(StreamingEngine):
         self.step_s = 0.0
         self.steps = 0
         self.last_step_rows = 0
+        #: How many steps stepped how many streams at once (tests, benchmarks).
+        self.step_sizes: Counter[int] = Counter()
         self._thread = threading.Thread(target=self._run, name="voxtral-realtime", daemon=True)
         self._thread.start()
 
@@ -175,17 +180,6 @@ class VoxtralRealtimeEngine(StreamingEngine):
                     "too_many_calls",
                 )
             return self._open_locked(on_update, delay)
-
-    def check_delay(self, delay_ms: int) -> None:
-        if (
-            delay_ms % FRAME_MS
-            or not self.min_delay_ms <= delay_ms <= self.max_delay_ms
-        ):
-            raise EngineError(
-                f"delay_ms must be a multiple of {FRAME_MS} in "
-                f"[{self.min_delay_ms}, {self.max_delay_ms}], not {delay_ms}",
-                "invalid_value",
-            )
 
     def admits(self) -> bool:
         with self._cond:
@@ -378,9 +372,11 @@ class VoxtralRealtimeEngine(StreamingEngine):
             self.step_s = elapsed if self.steps == 0 else 0.8 * self.step_s + 0.2 * elapsed
         self.steps += 1
         self.last_step_rows = rows
+        self.step_sizes[len(streams)] += 1
         return updates
 
     def _update(self, stream: _Stream, token: int, index: int) -> StreamText:
+        stream.token_ids.append(token)
         return StreamText(
             stream.text.add(token),
             index * FRAME_MS,

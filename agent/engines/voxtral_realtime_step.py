@@ -48,9 +48,7 @@ class LogMel:
 
     def __call__(self, audio: Tensor, center: bool) -> Tensor:
         """(rows, samples) float32 -> (rows, 128, frames)."""
-        stft = torch.stft(
-            audio, N_FFT, HOP, window=self.window, return_complex=True, center=center
-        )
+        stft = torch.stft(audio, N_FFT, HOP, window=self.window, return_complex=True, center=center)
         power = stft[..., :-1].abs() ** 2
         mel = self.filters.T @ power
         log_spec = torch.clamp(mel, min=1e-10).log10()
@@ -261,7 +259,8 @@ class BatchedRealtime:
             h = h + layer.mlp(x)
         h = self.lm.norm(h[:, -1])
         logits = self.lm_head(h)
-        return logits.argmax(dim=-1)
+        best: Tensor = logits.argmax(dim=-1)
+        return best
 
     # -- attention over the rings -------------------------------------------------------
 

@@ -82,7 +82,8 @@ class StreamAudio:
         """The first chunk behind its left padding (for the prefill)."""
         assert self.tokens == 0 and self.ready()
         chunk = self._buffer[: self.first_samples]
-        padded = np.concatenate([np.zeros(LEFT_PAD_TOKENS * SAMPLES_PER_TOKEN, np.float32), chunk])
+        silence = np.zeros(LEFT_PAD_TOKENS * SAMPLES_PER_TOKEN, np.float32)
+        padded: Samples = np.concatenate([silence, chunk])
         self.tokens = 1
         self._drop_before(self.needed(1) - CHUNK_SAMPLES)
         return padded
@@ -91,7 +92,7 @@ class StreamAudio:
         """The next token's 1680 samples."""
         assert self.tokens >= 1 and self.ready()
         start = self.needed(self.tokens) - CHUNK_SAMPLES - self._base
-        chunk = self._buffer[start : start + CHUNK_SAMPLES]
+        chunk: Samples = self._buffer[start : start + CHUNK_SAMPLES]
         self.tokens += 1
         self._drop_before(self.needed(self.tokens) - CHUNK_SAMPLES)
         return chunk
