@@ -85,6 +85,8 @@ class StreamItems:
         self.utterances = 0
         self.delay_ms = engine.default_delay_ms
         self._done = asyncio.Event()
+        #: The engine failed the stream (its code): later items fail at their commit.
+        self._failed: str | None = None
 
     # -- the stream ----------------------------------------------------------------------
 
@@ -128,6 +130,10 @@ class StreamItems:
 
     def receive(self, update: StreamText) -> None:
         """One frame's text (on the event loop, in audio order)."""
+        if update.error is not None:
+            self._fail_all(update.error)
+            self._done.set()
+            return
         item = self._item_at(update.start_ms)
         if item is not None:
             if update.text:
@@ -176,6 +182,8 @@ class StreamItems:
         self._last_item_id = item.item_id
         self.utterances += 1
         self._observer.utterance_committed()
+        if self._failed is not None:
+            self._fail_all(self._failed)
 
     def clear(self) -> None:
         """``input_audio_buffer.clear``: the open item is abandoned (its text dropped)."""
@@ -217,6 +225,19 @@ class StreamItems:
             held, head.held = head.held, []
             for event in held:
                 self._send(event)
+
+    def _fail_all(self, code: str) -> None:
+        """The engine failed the stream: committed items not completed yet fail, in turn;
+        one still open fails at its commit."""
+        self._failed = code
+        self._stream = None
+        while self._turns and self._turns[0].end_ms is not None:
+            item = self._turns.popleft()
+            for event in item.held:
+                self._send(event)
+            self._observer.transcription_failed(code)
+            self._send(events.transcription_failed(item.item_id, code, "the engine failed"))
+        self._release_held()
 
     def _complete(self, item: _Item) -> None:
         assert item.end_ms is not None

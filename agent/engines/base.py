@@ -120,6 +120,8 @@ class StreamText:
     lag_ms: float = 0.0
     #: The last update of a flushed stream: every frame of its audio is decoded.
     done: bool = False
+    #: Set (an error code) on a last update when the engine failed the stream: no more come.
+    error: str | None = None
 
 
 class EngineStream(ABC):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +62,8 @@ from agent.engines.voxtral_realtime_streams import (
 log = logging.getLogger(__name__)
 
 FRAME_MS = 80
+#: A stream's latest tokens kept for inspection (10 minutes of audio).
+TOKENS_KEPT = 7500
 #: A file piece waits this long for a free stream slot before it fails.
 FILE_SLOT_WAIT_S = 60.0
 
@@ -98,7 +100,7 @@ class _Stream(EngineStream):
         self.text = text
         self.last_token = 0
         #: Every token decoded, in order (what tests compare with transformers' generate).
-        self.token_ids: list[int] = []
+        self.token_ids: deque[int] = deque(maxlen=TOKENS_KEPT)
         self.closed = False
         self.done_sent = False
 
@@ -292,8 +294,14 @@ class VoxtralRealtimeEngine(StreamingEngine):
             try:
                 updates = self._prefill(starting, firsts) + self._step_all(stepping, chunks)
             except Exception:
+                # Not retried: the rows' rings may be half written. Each stream gets a last
+                # update saying so (its session fails its open items), then its slot is freed.
                 log.exception("Voxtral Realtime step failed: its streams are closed")
                 for stream in [*starting, *stepping]:
+                    end = stream.audio.tokens * FRAME_MS
+                    if not stream.closed:
+                        stream.on_update(StreamText("", end, end, done=True, error="engine_error"))
+                    stream.done_sent = True
                     self._release(stream)
                 continue
             for stream, update in updates:
@@ -348,8 +356,7 @@ class VoxtralRealtimeEngine(StreamingEngine):
         tokens = torch.zeros(rows, dtype=torch.long)
         enc_pos = torch.zeros(rows, dtype=torch.long)
         dec_pos = torch.zeros(rows, dtype=torch.long)
-        hidden = self._batch.t_cond(1).shape[-1]
-        t_cond = torch.zeros(rows, hidden, dtype=self._batch.dtype, device=self._batch.device)
+        delays = torch.zeros(rows, dtype=torch.long)
         prompt_tokens = {s.slot: LEFT_PAD_TOKENS + s.delay_tokens + 1 for s in streams}
         for stream, chunk in zip(streams, chunks, strict=True):
             slot = stream.slot
@@ -360,8 +367,8 @@ class VoxtralRealtimeEngine(StreamingEngine):
             position = prompt_tokens[slot] + stream.audio.tokens - 2
             dec_pos[slot] = position
             enc_pos[slot] = position * self._batch.downsample
-            t_cond[slot] = self._batch.t_cond(stream.delay_tokens)
-        next_tokens = self._step(active, audio, tokens, enc_pos, dec_pos, t_cond).tolist()
+            delays[slot] = stream.delay_tokens
+        next_tokens = self._step(active, audio, tokens, enc_pos, dec_pos, delays).tolist()
         updates = []
         for stream in streams:
             token = int(next_tokens[stream.slot])

@@ -35,6 +35,8 @@ HOP = 160
 N_FFT = 400
 #: Encoder positions per decoder token (the projector stacks this many).
 LOG_MEL_FLOOR = 8.0
+#: 2400 ms: the longest delay a stream may ask for.
+MAX_DELAY_TOKENS = 30
 
 
 class LogMel:
@@ -138,6 +140,9 @@ class BatchedRealtime:
             self.device,
         )
         self._t_cond: dict[int, Tensor] = {}
+        #: Rows of the time conditioning by delay in tokens (0 … 30), looked up per step.
+        with torch.inference_mode():
+            self.t_cond_table = torch.stack([self.t_cond(d) for d in range(MAX_DELAY_TOKENS + 1)])
 
     # -- slots -----------------------------------------------------------------------
 
@@ -168,12 +173,12 @@ class BatchedRealtime:
         for slot in slots:
             self.reset(slot)
         mel = self.logmel(audio.to(self.device), center=True)
-        audio_embeds = self._encode(index, mel, None, prefill=True)
+        audio_embeds = self._encode(index, mel, None, None, 0)
         tokens = prompt.to(self.device)
         positions = torch.arange(tokens.shape[1], device=self.device).expand(rows, -1)
         hidden = self.lm.embed_tokens(tokens) + audio_embeds
         t_cond = self.t_cond(delay_tokens).expand(rows, 1, -1)
-        return self._decode(index, hidden, positions, t_cond, None, prefill=True)
+        return self._decode(index, hidden, positions, t_cond, None, 0)
 
     @torch.inference_mode()
     def step(
@@ -183,25 +188,31 @@ class BatchedRealtime:
         tokens: Tensor,
         enc_pos: Tensor,
         dec_pos: Tensor,
-        t_cond: Tensor,
+        delays: Tensor,
     ) -> Tensor:
-        """One frame for slots ``0..n-1`` where ``active`` (n,) is set.
+        """One frame for slots ``0..n-1`` where ``active`` (n,) is set; host tensors in.
 
         ``chunks`` (n, 1680): each row's next chunk of audio (zeros where inactive);
         ``tokens`` (n,): the last token; ``enc_pos``/``dec_pos`` (n,): the next positions;
-        ``t_cond`` (n, hidden). Returns the next token of every row (garbage where inactive).
+        ``delays`` (n,): delays in tokens. Returns the next token of every row (garbage where
+        inactive), on the device.
         """
         n = active.shape[0]
+        # Worth attending to: while no row has wrapped its ring, only the filled start of it
+        # (computed on the host: no device sync).
+        enc_span = min(self.enc.size, int(enc_pos.max()) + self.downsample)
+        dec_span = min(self.dec.size, int(dec_pos.max()) + 1)
+        # Row ids rather than a boolean mask: indexing by a mask syncs with the device.
+        on = active.nonzero().squeeze(1).to(self.device)
         index = torch.arange(n, device=self.device)
         mel = self.logmel(chunks.to(self.device), center=False)
         steps = torch.arange(self.downsample, device=self.device)
         enc_positions = enc_pos.to(self.device)[:, None] + steps
-        audio_embeds = self._encode(index, mel, enc_positions, prefill=False, active=active)
+        audio_embeds = self._encode(index, mel, enc_positions, on, enc_span)
         hidden = self.lm.embed_tokens(tokens.to(self.device)[:, None]) + audio_embeds
         positions = dec_pos.to(self.device)[:, None]
-        return self._decode(
-            index, hidden, positions, t_cond[:, None], active.to(self.device), prefill=False
-        )
+        t_cond = self.t_cond_table[delays.to(self.device)][:, None]
+        return self._decode(index, hidden, positions, t_cond, on, dec_span)
 
     # -- stages -----------------------------------------------------------------------
 
@@ -211,10 +222,10 @@ class BatchedRealtime:
         h = F.gelu(F.conv1d(x, embedder.conv1.weight, embedder.conv1.bias))
         x2 = torch.cat([self.conv2_state[index], h], dim=-1)
         out = F.gelu(F.conv1d(x2, embedder.conv2.weight, embedder.conv2.bias, stride=2))
-        keep = index if active is None else index[active]
-        sel = slice(None) if active is None else active
-        self.conv1_state[keep] = x[sel][..., -self.conv1_state.shape[-1] :]
-        self.conv2_state[keep] = x2[sel][..., -self.conv2_state.shape[-1] :]
+        keep = index if active is None else active  # in a step, row i is slot i
+        x, x2 = (x, x2) if active is None else (x[active], x2[active])
+        self.conv1_state[keep] = x[..., -self.conv1_state.shape[-1] :]
+        self.conv2_state[keep] = x2[..., -self.conv2_state.shape[-1] :]
         return out.permute(0, 2, 1)
 
     def _encode(
@@ -222,15 +233,16 @@ class BatchedRealtime:
         index: Tensor,
         mel: Tensor,
         positions: Tensor | None,
-        prefill: bool,
-        active: Tensor | None = None,
+        active: Tensor | None,
+        span: int,
     ) -> Tensor:
-        h = self._conv(index, mel.to(self.dtype), None if prefill else active)
+        """Conv stem, encoder layers, projector; ``active`` is ``None`` for a prefill."""
+        h = self._conv(index, mel.to(self.dtype), active)
         rows, length = h.shape[0], h.shape[1]
         if positions is None:
             positions = torch.arange(length, device=self.device).expand(rows, -1)
         cos, sin = self.encoder.rotary_emb(h, positions)
-        mask = self._write_positions(self.enc, index, positions, prefill, active)
+        mask = self._write_positions(self.enc, index, positions, active, span)
         for i, layer in enumerate(self.encoder.layers):
             x = layer.self_attn_layer_norm(h)
             h = h + self._attend(layer.self_attn, x, cos, sin, self.enc, i, index, positions, mask)
@@ -247,10 +259,10 @@ class BatchedRealtime:
         positions: Tensor,
         t_cond: Tensor,
         active: Tensor | None,
-        prefill: bool,
+        span: int,
     ) -> Tensor:
         cos, sin = self.lm.rotary_emb(hidden, positions)
-        mask = self._write_positions(self.dec, index, positions, prefill, active)
+        mask = self._write_positions(self.dec, index, positions, active, span)
         h = hidden
         for i, layer in enumerate(self.lm.layers):
             x = layer.input_layernorm(h)
@@ -269,8 +281,8 @@ class BatchedRealtime:
         ring: _Ring,
         index: Tensor,
         positions: Tensor,
-        prefill: bool,
         active: Tensor | None,
+        span: int,
     ) -> tuple[Tensor, Tensor | None, Tensor]:
         """Record the positions written this forward; return (mask, rows to write, where).
 
@@ -278,7 +290,7 @@ class BatchedRealtime:
         ``ring.size`` of them are kept. A step writes first, then attends over the ring.
         """
         length = positions.shape[1]
-        if prefill:
+        if active is None:
             q = positions[:, :, None]
             k = positions[:, None, :]
             mask = (k <= q) & (k > q - ring.window)
@@ -286,21 +298,12 @@ class BatchedRealtime:
             where = keep % ring.size
             ring.pos[index[:, None], where] = keep
             return mask[:, None], None, where
-        assert active is not None
-        rows = index[active]
         where = positions % ring.size
-        ring.pos[rows[:, None], where[active]] = positions[active]
-        span = self._span(ring, positions)
+        ring.pos[active[:, None], where[active]] = positions[active]
         kpos = ring.pos[index, :span][:, None, :]
         q = positions[:, :, None]
         mask = (kpos >= 0) & (kpos <= q) & (kpos > q - ring.window)
         return mask[:, None], active, where
-
-    @staticmethod
-    def _span(ring: _Ring, positions: Tensor) -> int:
-        """Ring entries worth attending to: while no row has wrapped, only the filled start."""
-        furthest = int(positions.max().item()) + 1
-        return min(ring.size, furthest)
 
     def _attend(
         self,
@@ -332,9 +335,8 @@ class BatchedRealtime:
             values[index[:, None], :, where] = v[:, :, -kept:].transpose(1, 2)
             k_all, v_all = k, v
         else:
-            rows_on = index[active]
-            keys[rows_on[:, None], :, where[active]] = k[active].transpose(1, 2)
-            values[rows_on[:, None], :, where[active]] = v[active].transpose(1, 2)
+            keys[active[:, None], :, where[active]] = k[active].transpose(1, 2)
+            values[active[:, None], :, where[active]] = v[active].transpose(1, 2)
             span = mask.shape[-1]
             k_all, v_all = keys[:rows, :, :span], values[:rows, :, :span]
         out = F.scaled_dot_product_attention(

@@ -190,7 +190,7 @@ def test_batched_streams_equal_transformers_generate_token_for_token(
     assert sum(n * c for n, c in engine.step_sizes.items() if n > 1) > before  # batched
     for stream, audio, sink in zip(streams, audios, sinks, strict=True):
         ref = reference_tokens(engine, audio, 480, tmp_path)
-        assert stream.token_ids == ref  # type: ignore[attr-defined]
+        assert list(stream.token_ids) == ref  # type: ignore[attr-defined]
         decoded = engine._tokenizer.decode(ref, skip_special_tokens=True)
         assert sink.text == decoded
         assert len(set(ref)) > 2  # the output follows the audio, not one filler token
@@ -229,7 +229,7 @@ def test_a_streams_tokens_are_the_same_alone_and_among_streams_joining_and_leavi
     assert sink.done.wait(60)
     stream.close()
     assert sum(c for n, c in engine.step_sizes.items() if n > 1) > mixed_before
-    assert stream.token_ids == alone  # type: ignore[attr-defined]
+    assert list(stream.token_ids) == alone  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("push", [1, 160, 1279, 1681, 7001, SR])
@@ -265,7 +265,7 @@ def test_no_token_before_its_audio_and_the_delay_is_honoured(
     stream.flush()
     assert sink.done.wait(60)
     stream.close()
-    assert stream.token_ids == reference_tokens(engine, audio, delay_ms, tmp_path)  # type: ignore[attr-defined]
+    assert list(stream.token_ids) == reference_tokens(engine, audio, delay_ms, tmp_path)  # type: ignore[attr-defined]
 
 
 # -- whole utterances, limits, config --------------------------------------------------
@@ -320,3 +320,54 @@ def test_a_stream_behind_real_time_says_so() -> None:
 def test_config_rejects_bad_values(key: str, value: int) -> None:
     with pytest.raises(ConfigError, match=f"engine.{key}"):
         EngineConfig(kind="voxtral_realtime", **{key: value}).validate()  # type: ignore[arg-type]
+
+
+def test_slow_steps_refuse_new_streams_before_the_open_ones_fall_behind(tiny_path: Path) -> None:
+    """Steps that take over 60 ms of every 80 (a busy GPU, played by a sleep around the
+    real step): the open stream goes on, but no new stream is let in."""
+    config = EngineConfig(kind="voxtral_realtime", model=str(tiny_path), device="cpu")
+    slow = VoxtralRealtimeEngine(config)
+    real_step = slow._step
+
+    def busy_step(*args: Any) -> Any:
+        time.sleep(0.07)
+        return real_step(*args)
+
+    slow._step = busy_step
+    try:
+        sink = Collector()
+        stream = slow.open_stream(sink)
+        audio = speech_like(2.0, 3)
+        stream.push(audio[:9000])
+        for i in range(9000, len(audio), 1280):  # in real time
+            stream.push(audio[i : i + 1280])
+            time.sleep(0.08)
+        assert slow.step_s > 0.06  # the sleep alone is 70 ms: whatever the machine
+        assert len(sink.updates) > 5
+        assert not slow.admits()
+        with pytest.raises(EngineError) as refused:
+            slow.open_stream(Collector())
+        assert refused.value.code == "too_many_calls"
+        stream.close()
+        assert slow.admits()
+    finally:
+        slow.close()
+
+
+def test_a_step_that_fails_ends_its_streams_with_an_error(tiny_path: Path) -> None:
+    config = EngineConfig(kind="voxtral_realtime", model=str(tiny_path), device="cpu")
+    broken = VoxtralRealtimeEngine(config)
+
+    def failing_step(*args: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access (stand-in)")
+
+    broken._step = failing_step
+    try:
+        sink = Collector()
+        stream = broken.open_stream(sink)
+        stream.push(speech_like(1.5, 1))
+        assert sink.done.wait(30)
+        assert sink.updates[-1].error == "engine_error"
+        assert broken.admits() and broken.open_streams == 0
+    finally:
+        broken.close()
