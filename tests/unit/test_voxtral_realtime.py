@@ -88,6 +88,7 @@ def reference_tokens(
     framing.flush()
     first = framing.take_first()[LEFT_PAD_TOKENS * 1280 :]
     inputs = processor(first, is_streaming=True, is_first_audio_chunk=True, return_tensors="pt")
+    inputs = inputs.to(model.device)  # the GPU tests reuse this
     assert inputs["input_ids"].shape[1] == LEFT_PAD_TOKENS + delay_ms // 80 + 1
 
     def features() -> Iterator[Any]:
@@ -96,7 +97,7 @@ def reference_tokens(
             chunk = framing.take_next()
             yield processor(
                 chunk, is_streaming=True, is_first_audio_chunk=False, return_tensors="pt"
-            )["input_features"]
+            )["input_features"].to(model.device)
 
     out = model.generate(
         input_ids=inputs["input_ids"], input_features=features(), num_delay_tokens=delay_ms // 80
