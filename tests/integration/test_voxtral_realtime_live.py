@@ -8,6 +8,7 @@ has decoded past its end; a WebSocket session the engine has no room for gets an
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -146,6 +147,7 @@ async def test_realtime_websocket_session_and_a_refused_one(
         third = await open_socket(http, server)
         (refused,) = await third.wait("error")
         assert refused["error"]["code"] == "too_many_calls"
+        await asyncio.wait_for(third._reader, 10)  # and the server ends that session
         # A WebRTC offer is refused before its call starts.
         pc, body = await offer_body()
         try:
