@@ -38,6 +38,9 @@ from agent.segmenter import SpeechStarted, SpeechStopped, Utterance
 
 log = logging.getLogger(__name__)
 
+#: Frames of text kept for an item not cut yet: 40 s, past the longest utterance (30 s).
+UNCLAIMED_FRAMES = 500
+
 
 @dataclass(eq=False)
 class _Item:
@@ -74,6 +77,9 @@ class StreamItems:
         self._turns: deque[_Item] = deque()
         self._last_item_id: str | None = None
         self._last_end_ms = 0
+        #: Frames' text no item held yet (start_ms, text): with turn detection off an item
+        #: exists only from its commit, and claims the text of its audio then.
+        self._unclaimed: deque[tuple[int, str]] = deque(maxlen=UNCLAIMED_FRAMES)
         #: Audio the stream has decoded through, in ms of the session's audio.
         self.decoded_ms = 0
         self.pushed = 0
@@ -135,6 +141,8 @@ class StreamItems:
             self._done.set()
             return
         item = self._item_at(update.start_ms)
+        if item is None and update.text:
+            self._unclaimed.append((update.start_ms, update.text))
         if item is not None:
             if update.text:
                 item.text += update.text
@@ -172,8 +180,10 @@ class StreamItems:
 
     def _commit(self, utt: Utterance) -> None:
         item = self._open.pop(utt.index, None)
+        claimed = ""
         if item is None:  # a client commit with no speech_started (turn detection off)
-            item = self._orphan(utt.start_ms)
+            item = self._orphan(utt.audio_start_ms)
+            claimed = self._claim(item.start_ms, utt.end_ms)
         item.end_ms = utt.end_ms
         self._last_end_ms = max(self._last_end_ms, utt.end_ms)
         item.committed_at = time.perf_counter()
@@ -184,6 +194,16 @@ class StreamItems:
         self._observer.utterance_committed()
         if self._failed is not None:
             self._fail_all(self._failed)
+        elif claimed:
+            item.text += claimed
+            self._emit(item, events.transcription_delta(item.item_id, claimed))
+
+    def _claim(self, start_ms: int, end_ms: int) -> str:
+        """The text of frames in ``[start_ms, end_ms)`` decoded before their item existed."""
+        kept = [(t, text) for t, text in self._unclaimed if t >= end_ms]
+        claimed = "".join(text for t, text in self._unclaimed if start_ms <= t < end_ms)
+        self._unclaimed = deque(kept, maxlen=UNCLAIMED_FRAMES)
+        return claimed
 
     def clear(self) -> None:
         """``input_audio_buffer.clear``: the open item is abandoned (its text dropped)."""

@@ -182,3 +182,26 @@ async def test_file_transcription(server: RunningServer) -> None:
             assert resp.status == 200, body
     assert isinstance(body["text"], str) and body["text"]
     assert body["segments"] and body["duration"] == pytest.approx(9.96, abs=0.05)
+
+
+async def test_client_driven_commits(
+    server: RunningServer, beckett_audio: npt.NDArray[np.float32]
+) -> None:
+    """Turn detection off, as Pipecat runs it: the client's commit makes the item, which
+    takes the text of its audio decoded so far and completes once the stream has heard the
+    delay past its end (the client's microphone goes on sending, here silence)."""
+    async with aiohttp.ClientSession() as http:
+        sock = await open_socket(http, server)
+        await sock.wait("session.created")
+        await sock.send({"type": "session.update", "session": {"turn_detection": None}})
+        await sock.wait("session.updated")
+        await sock.stream(encode(beckett_audio[: int(16000 * 2.5)], "pcm16"), 48_000, speed=2.0)
+        await sock.send({"type": "input_audio_buffer.commit"})
+        await sock.stream(bytes(48_000), 48_000, speed=2.0)  # 1 s more: past the delay
+        (completed,) = await sock.wait(COMPLETED, 1, timeout=60)
+        assert len(sock.of_type("input_audio_buffer.committed")) == 1  # the session goes on
+        await sock.close()
+    item = completed["item_id"]
+    deltas = [e["delta"] for e in sock.received if e["type"] == DELTA and e["item_id"] == item]
+    assert completed["transcript"] and "".join(deltas).strip() == completed["transcript"]
+    assert not sock.of_type("input_audio_buffer.speech_started")

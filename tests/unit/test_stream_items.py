@@ -228,3 +228,23 @@ async def test_delay_only_before_the_audio(sent: list[dict[str, Any]]) -> None:
 async def test_the_worker_reports_the_streams_lag() -> None:
     worker = EngineWorker(FakeStreamingEngine(lag=250.0), EngineConfig())
     assert worker.lag_ms() == 250.0
+
+
+async def test_client_commits_claim_the_text_decoded_before_them(
+    sent: list[dict[str, Any]],
+) -> None:
+    """Turn detection off (Pipecat's default): no speech_started, an item exists only from
+    the client's commit; it takes the text of its audio decoded so far, then the rest."""
+    items = await make(sent)
+    frames(items, 0, 800, "m")  # decoded before any item exists
+    items.handle([utterance(0, 0, 1040)])  # commit at 1040 ms of audio
+    kinds = [e["type"] for e in sent]
+    assert kinds == ["input_audio_buffer.committed", DELTA]
+    assert sent[1]["delta"] == "m" * 10
+    frames(items, 800, 1040, "n")
+    frames(items, 1040, 1200, "o")  # after its end: not its text
+    (completed,) = [e for e in sent if e["type"] == COMPLETED]
+    assert completed["transcript"] == "m" * 10 + "nnn"
+    items.handle([utterance(1, 1040, 1600)])
+    frames(items, 1200, 1600, "p")
+    assert [e["transcript"] for e in sent if e["type"] == COMPLETED][1] == "oo" + "p" * 5
