@@ -207,6 +207,7 @@ class StreamItems:
 
     def clear(self) -> None:
         """``input_audio_buffer.clear``: the open item is abandoned (its text dropped)."""
+        self._unclaimed.clear()
         for index in list(self._open):
             item = self._open.pop(index)
             if item in self._turns:
