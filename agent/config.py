@@ -271,7 +271,7 @@ class RemoteEngineConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    kind: Literal["embedded", "voxtral", "remote"] = "embedded"
+    kind: Literal["embedded", "voxtral", "voxtral_realtime", "remote"] = "embedded"
     #: Model folder or hub id; empty means the engine's default.
     model: str = ""
     #: ``auto`` picks CUDA when present.
@@ -298,6 +298,10 @@ class EngineConfig:
     #: An engine call running longer than this fails its utterances (``engine_timeout``) and
     #: its thread is abandoned for a fresh one.
     watchdog_s: float = 30.0
+    #: ``kind: voxtral_realtime`` only: the model's delay (text for audio at t comes once
+    #: t + delay is heard; sessions may set their own), and the most streams open at once.
+    delay_ms: int = 480
+    max_streams: int = 64
     #: ``kind: remote`` only: where utterances are sent.
     remote: RemoteEngineConfig = field(default_factory=RemoteEngineConfig)
 
@@ -316,6 +320,12 @@ class EngineConfig:
         )
         _check(1 <= self.lanes <= 16, "engine.lanes", "must be 1..16")
         _check(0 < self.watchdog_s <= 3600, "engine.watchdog_s", "must be in (0, 3600]")
+        _check(
+            self.delay_ms % 80 == 0 and 80 <= self.delay_ms <= 2400,
+            "engine.delay_ms",
+            "must be a multiple of 80 in 80..2400",
+        )
+        _check(1 <= self.max_streams <= 4096, "engine.max_streams", "must be 1..4096")
 
 
 @dataclass(frozen=True)

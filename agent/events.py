@@ -162,6 +162,8 @@ class SessionUpdate:
     turn_detection: TurnDetection | None = None
     #: Extension: send ``...input_audio_transcription.interim`` events; ``None`` = unchanged.
     include_interim: bool | None = None
+    #: Extension (streaming engines): ``transcription.delay_ms``; ``None`` = unchanged.
+    delay_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -245,12 +247,14 @@ def _parse_session_update(msg: dict[str, Any], event_id: str | None, beta: bool)
     input_format = _parse_format(session.get("input_audio_format", audio_input.get("format")))
     transcription = session.get("input_audio_transcription", audio_input.get("transcription"))
     language = prompt = model = None
+    delay_ms: int | None = None
     if transcription is not None:
         if not isinstance(transcription, dict):
             raise ProtocolError("input_audio_transcription must be an object", "invalid_value")
         language = _opt_str(transcription, "language", max_len=16)
         prompt = _opt_str(transcription, "prompt", max_len=2000)
         model = _opt_str(transcription, "model", max_len=128)
+        delay_ms = _opt_int(transcription, "delay_ms", 0, 100_000)
         if language and not language.replace("-", "").isalpha():
             raise ProtocolError(
                 f"language {echo(language)} is not a language code", "invalid_value"
@@ -275,6 +279,7 @@ def _parse_session_update(msg: dict[str, Any], event_id: str | None, beta: bool)
         turn_detection_off=key_present and td_raw is None,
         turn_detection=turn,
         include_interim=include_interim,
+        delay_ms=delay_ms,
     )
 
 

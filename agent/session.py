@@ -44,12 +44,14 @@ from agent import events
 from agent.audio_formats import InputFormat, PcmDecoder
 from agent.config import Config
 from agent.detector import DetectorEvent, SpeechDetector
+from agent.engines.base import StreamingEngine, StreamText
 from agent.engines.worker import EngineWorker
 from agent.errors import EngineError, ProtocolError
 from agent.event_sink import HARD_FACTOR, EventSink
 from agent.items import ENGINE_LAG, ItemPipeline
 from agent.observer import AudioLagMeter, CallObserver
 from agent.segmenter import SegmenterOptions
+from agent.stream_items import StreamItems
 from agent.vad import Vad
 
 log = logging.getLogger(__name__)
@@ -159,18 +161,30 @@ class TranscriptionSession:
         self._observer = deps.observer
         self._log = logging.LoggerAdapter(log, {**carriage.event_fields, "call_id": self.id})
         self._options = SegmenterOptions.from_config(deps.config.vad, deps.config.segmenter)
+        engine = deps.worker.engine
+        # The transcriber goes by the engine's capability: a streaming engine's text comes
+        # per frame (no interims, no speculative finals); a whole-utterance engine's from
+        # re-decoding the open utterance.
+        streaming = isinstance(engine, StreamingEngine)
         self._detector = SpeechDetector(
             deps.vad.stream(),
             self._options,
-            deps.config.engine.interim_interval_ms,
-            speculative=deps.config.engine.speculative_final,
+            0 if streaming else deps.config.engine.interim_interval_ms,
+            speculative=deps.config.engine.speculative_final and not streaming,
         )
         self._input_format = carriage.input_format
         self._decoder = PcmDecoder(carriage.input_format) if carriage.input_format else None
-        self._items = ItemPipeline(deps.worker, self._send, self._spawn, self._observer, self.id)
+        self._items: ItemPipeline | StreamItems
+        if isinstance(engine, StreamingEngine):
+            pre_roll = self._options.prefix_padding_ms
+            self._items = StreamItems(engine, self._send, self._observer, self.id, pre_roll)
+        else:
+            self._items = ItemPipeline(
+                deps.worker, self._send, self._spawn, self._observer, self.id
+            )
+            self._items.deltas = deps.config.engine.interim_interval_ms > 0
+            self._items.speculative = deps.config.engine.speculative_final
         self._items.language = deps.config.engine.language or None
-        self._items.deltas = deps.config.engine.interim_interval_ms > 0
-        self._items.speculative = deps.config.engine.speculative_final
         self._sink: EventSink | None = None
         #: Events (JSON text, type) sent before a sink is attached.
         self._outbox: deque[tuple[str, str]] = deque(maxlen=deps.config.limits.event_queue)
@@ -192,6 +206,11 @@ class TranscriptionSession:
     def start(self) -> None:
         """Start consuming the inbound queue (and the ``limits.max_call_s`` clock)."""
         self._main = asyncio.create_task(self._run(), name=f"session-{self.id}")
+        if isinstance(self._items, StreamItems):
+            try:
+                self._items.open(self._on_stream_update())
+            except EngineError as exc:  # the engine keeps up with no more streams
+                self.fail(exc.code, str(exc))
         max_call_s = self._config.limits.max_call_s
         if max_call_s > 0:
             self._expiry = asyncio.get_running_loop().call_later(max_call_s, self._expire)
@@ -314,6 +333,8 @@ class TranscriptionSession:
                     await self._on_message(item.raw, item.received_at)
             self.state = "draining"
             await self._flush_detector()
+            if isinstance(self._items, StreamItems):
+                await self._items.finish(DRAIN_TIMEOUT_S)
             # Every item is final now: hypotheses still queued would only delay the close
             # (measured: 1.7 s at 6 phone streams, 3.6 s at 8, with every final already out).
             self._items.drop_hypotheses()
@@ -330,6 +351,8 @@ class TranscriptionSession:
 
     async def _on_audio(self, samples: npt.NDArray[np.float32], received_at: float | None) -> None:
         loop = asyncio.get_running_loop()
+        if isinstance(self._items, StreamItems):
+            self._items.push(samples)  # the whole call's audio, speech or not
         found = await loop.run_in_executor(self._deps.executor, self._detector.process, samples)
         self._items.handle(found)
         if received_at is not None:
@@ -431,6 +454,19 @@ class TranscriptionSession:
             self._items.prompt = msg.prompt or None
         if msg.include_interim is not None:
             self._items.include_interim = msg.include_interim
+        if msg.delay_ms is not None:
+            if not isinstance(self._items, StreamItems):
+                self.refuse(
+                    "invalid_value",
+                    f"engine {self._deps.worker.engine.name} has no delay_ms",
+                    event_id=msg.event_id,
+                )
+                return False
+            try:
+                self._items.set_delay(msg.delay_ms, self._on_stream_update())
+            except EngineError as exc:
+                self.refuse(exc.code, str(exc), event_id=msg.event_id)
+                return False
         client_turns = (
             msg.model is not None
             and msg.model.startswith(events.CLIENT_TURN_MODELS)
@@ -457,11 +493,13 @@ class TranscriptionSession:
                 "prefix_padding_ms": o.prefix_padding_ms,
                 "silence_duration_ms": o.min_silence_ms,
             }
-        transcription = {
+        transcription: dict[str, Any] = {
             "model": self._deps.worker.engine.name,
             "language": self._items.language,
             "prompt": self._items.prompt or "",
         }
+        if isinstance(self._items, StreamItems):
+            transcription["delay_ms"] = self._items.delay_ms  # extension
         fmt = self._input_format
         return {
             "type": "transcription",
@@ -536,7 +574,21 @@ class TranscriptionSession:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
+    def _on_stream_update(self) -> Callable[[StreamText], None]:
+        """The engine thread's updates, handed to the event loop in their order."""
+        loop = asyncio.get_running_loop()
+        items = self._items
+        assert isinstance(items, StreamItems)
+
+        def on_update(update: StreamText) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody listens
+                loop.call_soon_threadsafe(items.receive, update)
+
+        return on_update
+
     def _mark_closed(self) -> None:
+        if isinstance(self._items, StreamItems):
+            self._items.close()  # the engine slot is free at once
         if self._closed.is_set():
             return
         self.state = "closed"

@@ -48,8 +48,9 @@ async def realtime(request: web.Request) -> web.StreamResponse:
         )
     check_origin(request, state.config.server.cors_origins)
     state.require_ready()
-    # Reserved before the first await: a burst of upgrades cannot get past max_calls.
-    with state.call_slot():
+    # Reserved before the first await: a burst of upgrades cannot get past max_calls. A
+    # streaming engine that takes no more streams is told in the session, as an ``error``.
+    with state.call_slot(engine_check=False):
         ws = web.WebSocketResponse(
             protocols=answer_protocols(request),
             heartbeat=HEARTBEAT_S,

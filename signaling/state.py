@@ -19,7 +19,7 @@ from aiohttp import web
 
 from agent.call_hub import CallHub
 from agent.config import Config
-from agent.engines.base import Engine
+from agent.engines.base import Engine, StreamingEngine
 from agent.engines.worker import EngineWorker
 from agent.errors import EngineLoadError
 from agent.session import SessionDeps
@@ -141,16 +141,28 @@ class ServerState:
         return SessionDeps(self.config, self.worker, self.vad, self.executor, self.metrics)
 
     @contextlib.contextmanager
-    def call_slot(self, new: bool = True) -> Iterator[None]:
+    def call_slot(self, new: bool = True, engine_check: bool = True) -> Iterator[None]:
         """Hold a call slot while an offer is answered, so that offers in flight count against
         ``limits.max_calls`` too; ``new=False`` for a restart, whose peer takes its old one's
-        slot. Released however the offer ends (answered, refused, or cancelled)."""
+        slot. Released however the offer ends (answered, refused, or cancelled).
+
+        With a streaming engine, a new call is also refused while the engine takes no more
+        streams (``engine_check=False``: the session refuses instead, with an ``error``)."""
         limit = self.config.limits.max_calls
         if new and self.live_sessions + self.reserved >= limit:
             raise ApiError(
                 503,
                 "too_many_calls",
                 f"the server holds its maximum of {limit} calls",
+                type_="server_error",
+                headers={"Retry-After": "10"},
+            )
+        engine = self.worker.engine if self.worker is not None else None
+        if new and engine_check and isinstance(engine, StreamingEngine) and not engine.admits():
+            raise ApiError(
+                503,
+                "too_many_calls",
+                "the engine keeps up with no more streams",
                 type_="server_error",
                 headers={"Retry-After": "10"},
             )

@@ -1,5 +1,5 @@
-"""Engines behind two interfaces (``Engine.transcribe`` on threads, ``AsyncEngine.transcribe_one``
-on the event loop); one module per engine."""
+"""Engines behind three interfaces (``Engine.transcribe`` on threads, ``AsyncEngine.transcribe_one``
+on the event loop, ``StreamingEngine.open_stream`` for streams); one module per engine."""
 
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ def create_engine(config: EngineConfig) -> Engine | AsyncEngine:
         from agent.engines.voxtral import VoxtralEngine
 
         return VoxtralEngine(config)
+    if config.kind == "voxtral_realtime":
+        from agent.engines.voxtral_realtime import VoxtralRealtimeEngine
+
+        return VoxtralRealtimeEngine(config)
     if config.kind == "remote":
         from agent.engines.remote import RemoteEngine
 

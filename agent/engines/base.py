@@ -6,16 +6,22 @@ engine that only waits (on another server): it runs on the event loop, one corou
 utterance, and cancelling that coroutine really stops the work. The worker picks the path
 by which of the two an engine is. One instance serves every call, so implementations must
 not keep per-call state.
+
+``StreamingEngine`` is the third capability: a model that decodes audio as it arrives (one
+text update per frame, at a fixed delay) rather than whole utterances. It owns its own thread
+and its streams; a session talks to a stream directly, not through the worker's queue.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+
+from agent.errors import EngineError
 
 SAMPLE_RATE = 16_000
 
@@ -95,3 +101,90 @@ class AsyncEngine(ABC):
     def degraded(self) -> bool:
         """True while the engine cannot serve at all (its utterances fail at once)."""
         return False
+
+
+@dataclass(frozen=True)
+class StreamText:
+    """What a stream decoded for one frame of its audio: possibly no text at all.
+
+    ``start_ms``/``end_ms`` are the stream's audio (since its first sample) that the text
+    belongs to, not when it was decoded: a model with a delay emits the text of a frame
+    once it has heard ``delay_ms`` more.
+    """
+
+    text: str
+    start_ms: int
+    end_ms: int
+    #: Audio the stream holds that is complete but not decoded yet, in ms: more than one
+    #: frame means the engine is behind real time for this stream.
+    lag_ms: float = 0.0
+    #: The last update of a flushed stream: every frame of its audio is decoded.
+    done: bool = False
+    #: Set (an error code) on a last update when the engine failed the stream: no more come.
+    error: str | None = None
+
+
+class EngineStream(ABC):
+    """One open stream of 16 kHz audio. Every method is thread-safe and returns at once."""
+
+    #: The model's delay for this stream: text for audio at ``t`` comes once ``t +
+    #: delay_ms`` has been pushed.
+    delay_ms: int
+
+    @abstractmethod
+    def push(self, samples: Samples) -> None:
+        """Add audio, of any length (a sample or an hour)."""
+
+    @abstractmethod
+    def flush(self) -> None:
+        """No more audio: decode what is pushed to the end, then send the ``done`` update."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Leave now (whether flushed or not): no more updates, the slot is free."""
+
+
+class StreamingEngine(Engine):
+    """An engine that transcribes streams as they arrive (one text update per frame).
+
+    It is also an ``Engine``: ``transcribe`` runs each utterance through a stream of its
+    own (pushed whole, then flushed), so file transcription and the worker need nothing
+    else. Sessions pick the streaming path by this capability.
+    """
+
+    #: Audio per decoded frame, and the delays a stream may ask for.
+    frame_ms: int = 80
+    min_delay_ms: int = 80
+    max_delay_ms: int = 2400
+    default_delay_ms: int = 480
+
+    @abstractmethod
+    def open_stream(
+        self,
+        on_update: Callable[[StreamText], None],
+        language: str | None = None,
+        delay_ms: int | None = None,
+    ) -> EngineStream:
+        """Open a stream; ``on_update`` is called on the engine's thread, in audio order.
+
+        Raises ``EngineError`` (code ``too_many_calls``) when taking one more stream would
+        make the open ones fall behind real time, or ``invalid_value`` for a bad delay.
+        """
+
+    def check_delay(self, delay_ms: int) -> None:
+        """Raise ``EngineError`` (``invalid_value``) unless streams may use ``delay_ms``."""
+        step = self.frame_ms
+        if delay_ms % step or not self.min_delay_ms <= delay_ms <= self.max_delay_ms:
+            raise EngineError(
+                f"delay_ms must be a multiple of {step} in "
+                f"[{self.min_delay_ms}, {self.max_delay_ms}], not {delay_ms}",
+                "invalid_value",
+            )
+
+    @abstractmethod
+    def admits(self) -> bool:
+        """Whether a new stream would be accepted now (capacity, and keeping up)."""
+
+    def lag_ms(self) -> float:
+        """The most any open stream is behind real time, in ms (0 when keeping up)."""
+        return 0.0

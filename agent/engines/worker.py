@@ -35,7 +35,13 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from agent.config import EngineConfig
-from agent.engines.base import AsyncEngine, Engine, EngineRequest, EngineResult
+from agent.engines.base import (
+    AsyncEngine,
+    Engine,
+    EngineRequest,
+    EngineResult,
+    StreamingEngine,
+)
 from agent.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -162,6 +168,8 @@ class EngineWorker:
         for job in self._queues[Priority.FINAL]:
             if not job.future.done():
                 return (now - job.submitted) * 1000
+        if isinstance(self.engine, StreamingEngine):
+            return self.engine.lag_ms()  # streams do not queue: their audio waits instead
         return 0.0
 
     async def transcribe(
