@@ -43,6 +43,11 @@ class ServerConfig:
     cors_origins: tuple[str, ...] = ()
     #: On SIGTERM: how long open calls get to finish their utterances before they are closed.
     shutdown_grace_s: float = 10.0
+    #: Whose ``X-Voxtral-Priority`` (a gateway's ``final``/``interim``) ``/v1/audio/
+    #: transcriptions`` queues by: ``authenticated`` callers only (``auth_tokens`` set: every
+    #: caller holds a token), ``any`` caller (a node only gateways can reach), or ``off``.
+    #: Unheeded, a request is a recorded file's piece. See docs/scaling.md.
+    priority_hints: Literal["off", "authenticated", "any"] = "authenticated"
 
     def validate(self) -> None:
         _check(
@@ -176,7 +181,8 @@ class RemoteEngineConfig:
     model: str = ""
     #: One utterance's whole budget, retries included; past it: ``engine_timeout``.
     timeout_s: float = 10.0
-    #: Requests in flight at once, over all servers; more wait in the engine queue.
+    #: Requests in flight at once per server, at most (a voxtral-rtc node that says it runs
+    #: fewer, ``X-Voxtral-Capacity``, gets fewer); more wait in the gateway's engine queue.
     max_concurrency: int = 16
     #: Further tries of a request that met a connection error or a 5xx, backing off.
     retries: int = 2

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from signaling.app import RunningServer, start_server
 from tests.conftest import make_config
+from tests.integration.server_process import ServerProcesses
 from tests.integration.test_robustness import Echo
 
 
@@ -19,3 +21,14 @@ async def echo_server() -> AsyncIterator[RunningServer]:
         yield server
     finally:
         await server.stop()
+
+
+@pytest.fixture
+async def server_processes(tmp_path: Path) -> AsyncIterator[ServerProcesses]:
+    """Start ``voxtral-rtc serve`` processes (configs and logs in ``tmp_path``); all are
+    ended, by their PIDs, after the test."""
+    processes = ServerProcesses(tmp_path)
+    try:
+        yield processes
+    finally:
+        await processes.close()
