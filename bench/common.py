@@ -8,16 +8,18 @@ Every benchmark prints a markdown table and saves the same figures twice under
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import platform
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ import numpy as np
 import yaml
 
 from agent.config import ENV_PREFIX, Config, load_config
+from agent.errors import ConfigError
 from tests.conftest import normalise
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -320,3 +323,32 @@ def shown_path(path: Path) -> str:
     """``path`` relative to the repository when inside it (results stay machine-neutral)."""
     path = path.absolute()
     return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def lost_finals(report: dict[str, Any]) -> int:
+    """Finals missing or failed over a report's phases (``latency``/``gateway`` reports)."""
+    return sum(p["counts"]["missing"] + p["counts"]["failed"] for p in report["phases"])
+
+
+def run_bench(
+    name: str,
+    args: argparse.Namespace,
+    bench: Callable[[argparse.Namespace], Awaitable[dict[str, Any]]],
+    render: Callable[[dict[str, Any]], str],
+    lost: Callable[[dict[str, Any]], int] = lost_finals,
+) -> int:
+    """A benchmark's ``main``: run it, print its markdown, save the results (unless
+    ``--no-save``). Exit status 2 when it could not run (a server did not start, the machine
+    never went quiet, a bad config), 1 when ``lost`` finals, else 0."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        report = asyncio.run(bench(args))
+    except (RuntimeError, TimeoutError, ConfigError) as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    markdown = render(report)
+    print(markdown)
+    if not args.no_save:
+        for path in save_results(name, report, markdown, args.out_dir):
+            print(f"saved {shown_path(path)}")
+    return 1 if lost(report) else 0

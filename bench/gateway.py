@@ -41,7 +41,6 @@ import argparse
 import asyncio
 import contextlib
 import copy
-import logging
 import os
 import shlex
 import sys
@@ -59,10 +58,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agent.audio_formats import pcm16_wav
 from agent.config import Config
 from agent.detector import SpeechDetector
-from agent.engines.remote import encode_wav
-from agent.errors import ConfigError
 from agent.segmenter import SegmenterOptions, Utterance
 from agent.transports.webrtc_peer import restrict_host_addresses
 from agent.vad import SileroVad
@@ -76,7 +74,7 @@ from bench.common import (
     machine_info,
     markdown_table,
     process_cpu_seconds,
-    save_results,
+    run_bench,
     shown_path,
     subprocess_server,
     summarize,
@@ -180,7 +178,11 @@ def engine_figures(layout: str, deltas: dict[str, dict[str, float]]) -> dict[str
             if role.startswith("node"):
                 for k, v in delta.items():
                     node[k] = node.get(k, 0.0) + v
-        n, s = _batch(node, "file")
+        by_priority = {p: _batch(node, p) for p in ("final", "interim", "file")}
+        n = sum(pn for pn, _ in by_priority.values())
+        s = sum(ps for _, ps in by_priority.values())
+        out["node_batches_by_priority"] = {p: pn for p, (pn, _) in by_priority.items()}
+        out["node_skipped_interims"] = int(node.get("voxtral_rtc_skipped_interims_total{}", 0))
         out["node_batches"] = n
         out["node_batch_mean_ms"] = round(1000 * s / n, 1) if n else None
         out["node_engine_s"] = round(s, 3)
@@ -216,7 +218,7 @@ async def calibrate(node_url: str, cuts: list[Utterance], repeat: int) -> dict[s
     async with aiohttp.ClientSession(timeout=timeout) as http:
         for r in range(repeat):
             for cut in cuts:
-                wav = encode_wav(cut.audio)
+                wav = pcm16_wav(cut.audio)
                 before = await scrape_all(http, node_url)
                 form = aiohttp.FormData()
                 form.add_field("response_format", "json")
@@ -307,7 +309,7 @@ async def _warm_node(url: str, samples: Any) -> None:
     """One request first: the node starts its decoder pool on the first upload."""
     form = aiohttp.FormData()
     form.add_field("response_format", "json")
-    form.add_field("file", encode_wav(samples[:16_000]), filename="w.wav", content_type="audio/wav")
+    form.add_field("file", pcm16_wav(samples[:16_000]), filename="w.wav", content_type="audio/wav")
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
         async with http.post(f"{url}/v1/audio/transcriptions", data=form) as resp:
             await resp.read()
@@ -334,6 +336,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             for role in node_roles:
                 node = copy.deepcopy(base)
                 node.setdefault("limits", {})["max_file_jobs"] = args.node_file_jobs
+                # Reached by the gateway only (loopback): it queues by the gateway's priorities.
+                node.setdefault("server", {})["priority_hints"] = "any"
                 if args.node_lanes:
                     node.setdefault("engine", {})["lanes"] = args.node_lanes
                 raws[role] = node
@@ -791,20 +795,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        report = asyncio.run(bench(args))
-    except (RuntimeError, TimeoutError, ConfigError) as exc:
-        print(f"gateway: {exc}", file=sys.stderr)
-        return 2
-    markdown = render(report)
-    print(markdown)
-    if not args.no_save:
-        for path in save_results("gateway", report, markdown, args.out_dir):
-            print(f"saved {shown_path(path)}")
-    bad = sum(p["counts"]["missing"] + p["counts"]["failed"] for p in report["phases"])
-    return 1 if bad else 0
+    return run_bench("gateway", parse_args(argv), bench, render)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import os
 import random
 import shlex
@@ -60,7 +59,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.config import Config
 from agent.detector import SpeechDetector
-from agent.errors import ConfigError
 from agent.segmenter import SegmenterOptions, SpeechStarted, Utterance
 from agent.transports.webrtc_peer import restrict_host_addresses
 from agent.vad import SileroVad
@@ -75,7 +73,7 @@ from bench.common import (
     machine_info,
     markdown_table,
     process_cpu_seconds,
-    save_results,
+    run_bench,
     shown_path,
     subprocess_server,
     summarize,
@@ -1082,20 +1080,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        report = asyncio.run(bench(args))
-    except (RuntimeError, TimeoutError, ConfigError) as exc:  # server start, idle wait, config
-        print(f"latency: {exc}", file=sys.stderr)
-        return 2
-    markdown = render(report)
-    print(markdown)
-    if not args.no_save:
-        for path in save_results("latency", report, markdown, args.out_dir):
-            print(f"saved {shown_path(path)}")
-    bad = sum(p["counts"]["missing"] + p["counts"]["failed"] for p in report["phases"])
-    return 1 if bad else 0  # 2: could not run at all
+    return run_bench("latency", parse_args(argv), bench, render)
 
 
 if __name__ == "__main__":
