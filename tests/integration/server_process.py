@@ -137,8 +137,11 @@ async def readyz(url: str) -> tuple[int, dict[str, Any]]:
             return resp.status, dict(await resp.json())
 
 
-async def metrics(url: str) -> Metrics:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+async def metrics(url: str, token: str | None = None) -> Metrics:
+    """``/metrics`` (with the bearer ``token`` when the server has ``auth_tokens``)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    timeout = aiohttp.ClientTimeout(total=2)
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as http:
         async with http.get(f"{url}/metrics") as resp:
             text = await resp.text()
     return {
