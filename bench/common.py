@@ -15,11 +15,12 @@ import json
 import logging
 import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -352,3 +353,86 @@ def run_bench(
         for path in save_results(name, report, markdown, args.out_dir):
             print(f"saved {shown_path(path)}")
     return 1 if lost(report) else 0
+
+
+# -- the arguments every call benchmark takes --------------------------------------------
+
+
+def add_quiet_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quiet-pct",
+        type=float,
+        default=0.0,
+        help="before each run, wait until the whole machine's busy CPU over 1 s is at most "
+        "this %% of one core (a shared machine; default: 0 = do not wait)",
+    )
+    p.add_argument(
+        "--quiet-wait-s",
+        type=float,
+        default=120.0,
+        help="longest wait for --quiet-pct; the run then starts anyway (default: 120)",
+    )
+
+
+#: beckett.wav's transcript, from ``../shared/audio/README.md``.
+BECKETT_REFERENCE = "Ever tried. Ever failed. No matter. Try again. Fail again. Fail better."
+
+
+def add_reference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--reference",
+        type=Path,
+        help="text file with what the audio says, for the word error rate (default: the "
+        "audio's .txt beside it, e.g. from bench/make_joined_speech.py; beckett.wav's own "
+        "transcript for beckett.wav; otherwise no WER)",
+    )
+
+
+def reference_info(args: argparse.Namespace) -> dict[str, str] | None:
+    """The reference text for ``args.audio`` and where it came from (see ``--reference``)."""
+    sidecar = args.audio.with_suffix(".txt")
+    if args.reference is not None:
+        return {"text": args.reference.read_text().strip(), "source": shown_path(args.reference)}
+    if sidecar.is_file():
+        return {"text": sidecar.read_text().strip(), "source": shown_path(sidecar)}
+    if args.audio.name == "beckett.wav":
+        return {"text": BECKETT_REFERENCE, "source": "../shared/audio/README.md"}
+    return None
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """``--reference``, ``--quiet-pct``/``--quiet-wait-s``, ``--out-dir``, ``--no-save``."""
+    add_reference_args(p)
+    add_quiet_args(p)
+    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--no-save", action="store_true", help="print the table only")
+
+
+def check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Refuse counts below one; set ``args.reference_text`` (None: no WER)."""
+    if min(args.calls) < 1 or args.repeat < 1:
+        p.error("--calls and --repeat must be >= 1")
+    reference = reference_info(args)
+    args.reference_text = None if reference is None else reference["text"]
+    return args
+
+
+def report_header(
+    name: str, args: argparse.Namespace, machine: dict[str, Any], load_before: float
+) -> dict[str, Any]:
+    """The first keys of a call benchmark's report: what ran, when, how, on what."""
+    return {
+        "benchmark": name,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": shlex.join([shown_path(Path(sys.executable)), *sys.argv]),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": {**machine, "load_avg_1m": [load_before, os.getloadavg()[0]]},
+    }
+
+
+def audio_header(args: argparse.Namespace, samples: Sized) -> dict[str, Any]:
+    """The report's ``audio`` (16 kHz samples) and ``reference`` keys."""
+    return {
+        "audio": {"path": shown_path(args.audio), "seconds": round(len(samples) / 16_000, 2)},
+        "reference": reference_info(args),
+    }

@@ -42,7 +42,6 @@ import asyncio
 import contextlib
 import copy
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -67,15 +66,17 @@ from agent.vad import SileroVad
 from bench.common import (
     LOOPBACK,
     REPO_ROOT,
-    RESULTS_DIR,
     ServerHandle,
+    add_run_args,
+    audio_header,
+    check_run_args,
     free_port,
     loopback_config,
     machine_info,
     markdown_table,
     process_cpu_seconds,
+    report_header,
     run_bench,
-    shown_path,
     subprocess_server,
     summarize,
     wait_quiet,
@@ -83,11 +84,8 @@ from bench.common import (
 from bench.latency import (
     _summaries,
     _transport_arg,
-    add_quiet_args,
-    add_reference_args,
     offline_utterances,
     pooled_wer,
-    reference_info,
     run_phase,
 )
 from signaling.client import read_audio
@@ -401,15 +399,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     handles["node"].url, offline_cuts(samples, call_config), args.calibrate
                 )
     return {
-        "benchmark": "gateway",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": shlex.join([shown_path(Path(sys.executable)), *sys.argv]),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "machine": {**machine, "load_avg_1m": [load_before, os.getloadavg()[0]]},
+        **report_header("gateway", args, machine, load_before),
         "engines": engines,
         "configs": {role: asdict(c) for role, c in configs.items()},
-        "audio": {"path": shown_path(args.audio), "seconds": round(len(samples) / 16_000, 2)},
-        "reference": reference_info(args),
+        **audio_header(args, samples),
         "offline": [asdict(o) for o in offline],
         "by_layout": aggregate(phases),
         "calibration": calibration,
@@ -777,21 +770,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--match-tolerance-ms", type=float, default=400.0)
     p.add_argument("--ws-chunk-ms", type=int, default=50)
     p.add_argument("--settle-s", type=float, default=1.0)
-    add_reference_args(p)
-    add_quiet_args(p)
-    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
-    p.add_argument("--no-save", action="store_true")
+    add_run_args(p)
     args = p.parse_args(argv)
     args.layouts = tuple(dict.fromkeys(x.strip() for x in args.layouts_arg.split(",") if x))
     if not args.layouts or any(x not in LAYOUTS for x in args.layouts):
         p.error(f"--layout: use {', '.join(LAYOUTS)} or both comma-separated")
     if "," in args.transport:
         p.error("--transport: one transport per run here")
-    if min(args.calls) < 1 or args.repeat < 1:
-        p.error("--calls and --repeat must be >= 1")
-    reference = reference_info(args)
-    args.reference_text = None if reference is None else reference["text"]
-    return args
+    return check_run_args(p, args)
 
 
 def main(argv: list[str] | None = None) -> int:
