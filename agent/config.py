@@ -45,9 +45,9 @@ class ServerConfig:
     shutdown_grace_s: float = 10.0
     #: Whose ``X-Voxtral-Priority`` (a gateway's ``final``/``interim``) ``/v1/audio/
     #: transcriptions`` queues by: ``authenticated`` callers only (``auth_tokens`` set: every
-    #: caller holds a token), ``any`` caller (a node only gateways can reach), or ``off``.
+    #: caller holds a token), ``any`` caller (a node only gateways can reach), or ``none``.
     #: Unheeded, a request is a recorded file's piece. See docs/scaling.md.
-    priority_hints: Literal["off", "authenticated", "any"] = "authenticated"
+    priority_hints: Literal["none", "authenticated", "any"] = "authenticated"
 
     def validate(self) -> None:
         _check(

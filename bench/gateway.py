@@ -31,8 +31,9 @@ Calls per gateway core = 100 / (gateway CPU % of one core per call).
 segmenter's own cut: pre-roll + speech + hangover, as the gateway sends it) to the node N
 times, one request at a time, on an otherwise idle node: the client's round trip against the
 node's engine time for that one request (its ``/metrics`` read around it). The difference is
-what the node's file pipeline costs per utterance (HTTP + multipart, the decoder child, the
-VAD pass and cutting of ``agent/file_transcriber.py``), which an in-process engine does not pay.
+what the node's file pipeline costs per utterance (HTTP + multipart, reading the WAV (in the
+node's process for the gateway's PCM WAVs, else a decoder child), the VAD pass and cutting
+of ``agent/file_transcriber.py``), which an in-process engine does not pay.
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ def engine_figures(layout: str, deltas: dict[str, dict[str, float]]) -> dict[str
         out["node_engine_s"] = round(s, 3)
         out["gateway_round_trip_s"] = round(total_s, 3)
         # What the requests' round trips held beyond the node's engine calls, per request:
-        # HTTP, the node's decoder child, VAD and cutting, its queue. Overstated when the node
+        # HTTP, the node's decoding, VAD and cutting, its queue. Overstated when the node
         # batched several requests in one call (counted once), understated by the engine
         # time of requests the gateway withdrew (aborted: not in its round trips).
         out["beyond_node_engine_ms_per_request"] = (
@@ -576,7 +577,7 @@ def render(report: dict[str, Any]) -> str:
                 (
                     "round trip at the client",
                     "node engine call",
-                    "rest (HTTP, decoder child, VAD, cutting)",
+                    "rest (HTTP, decoding, VAD, cutting)",
                     "rest / round trip",
                 ),
                 [
@@ -747,7 +748,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="the nodes' engine.lanes (default: 0 = the config's; a node with more than one "
-        "lane keeps lane 0 for live finals, which its file requests never are)",
+        "lane keeps lane 0 for live finals, the gateway's X-Voxtral-Priority: final requests)",
     )
     p.add_argument(
         "--gateway-concurrency",

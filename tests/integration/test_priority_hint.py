@@ -51,7 +51,7 @@ async def post(url: str, hint: str | None, token: str | None = None) -> aiohttp.
         ({"SERVER__PRIORITY_HINTS": "any"}, None, {"final": 1, "interim": 1, "file": 0}),
         # Never, even with tokens.
         (
-            {"SERVER__AUTH_TOKENS": f"[{TOKEN}]", "SERVER__PRIORITY_HINTS": "off"},
+            {"SERVER__AUTH_TOKENS": f"[{TOKEN}]", "SERVER__PRIORITY_HINTS": "none"},
             TOKEN,
             {"final": 0, "interim": 0, "file": 2},
         ),
