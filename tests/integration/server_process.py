@@ -1,5 +1,6 @@
-"""``voxtral-rtc serve`` as real processes for integration tests: start one from a YAML
-config or an environment, wait for ``/readyz``, read its metrics, end it by its PID.
+"""Real servers for integration tests. ``voxtral-rtc serve`` as processes: start one from a
+YAML config or an environment, wait for ``/readyz``, read its metrics, end it by its PID;
+and servers in the test's own process (``Servers``).
 
 Every process listens on 127.0.0.1; the parent's ``VOXTRAL_RTC_*`` variables are never
 passed on (each process gets exactly the configuration its test gives). The
@@ -23,7 +24,9 @@ import aiohttp
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.config import ENV_PREFIX
+from agent.config import ENV_PREFIX, Config
+from agent.engines.base import Engine
+from signaling.app import RunningServer, start_server
 
 REPO = Path(__file__).resolve().parents[2]
 LOOPBACK = "127.0.0.1"
@@ -153,3 +156,19 @@ async def metrics(url: str, token: str | None = None) -> Metrics:
 
 def metric(values: Metrics, name: str, **labels: str) -> float:
     return values.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+class Servers:
+    """Starts servers in this process for one test; ``close`` stops them all."""
+
+    def __init__(self) -> None:
+        self.running: list[RunningServer] = []
+
+    async def start(self, config: Config, engine: Engine | None = None) -> RunningServer:
+        server = await start_server(config, engine=engine)
+        self.running.append(server)
+        return server
+
+    async def close(self) -> None:
+        for server in reversed(self.running):
+            await server.stop()

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 
 from agent.engines.remote import CAPACITY_HEADER, PRIORITY_HEADER
-from signaling.app import start_server
 from tests.audio_files import wav_bytes
 from tests.conftest import make_config
-from tests.integration.server_process import metric, metrics
+from tests.integration.server_process import Servers, metric, metrics
 from tests.integration.test_robustness import Echo
 
 TOKEN = "priority-token-0123456789"
@@ -58,34 +57,29 @@ async def post(url: str, hint: str | None, token: str | None = None) -> aiohttp.
     ],
 )
 async def test_a_priority_hint_is_honoured_only_from_trusted_callers(
-    env: dict[str, str], token: str | None, queued: dict[str, int]
+    servers: Servers, env: dict[str, str], token: str | None, queued: dict[str, int]
 ) -> None:
-    config = make_config(VAD__KIND="energy", ENGINE__LANES="2", **env)
-    server = await start_server(config, engine=Echo())
-    try:
-        for hint in ("final", "interim"):
-            resp = await post(server.url, hint, token)
-            assert resp.status == 200
-            assert resp.headers[CAPACITY_HEADER] == "2"  # 2 lanes of a batch of one
-        values = await metrics(server.url, token)
-        got = {p: int(metric(values, BATCHES, priority=p)) for p in queued}
-        assert got == queued
-    finally:
-        await server.stop()
+    server = await servers.start(make_config(VAD__KIND="energy", ENGINE__LANES="2", **env), Echo())
+    for hint in ("final", "interim"):
+        resp = await post(server.url, hint, token)
+        assert resp.status == 200
+        assert resp.headers[CAPACITY_HEADER] == "2"  # 2 lanes of a batch of one
+    values = await metrics(server.url, token)
+    got = {p: int(metric(values, BATCHES, priority=p)) for p in queued}
+    assert got == queued
 
 
-async def test_an_unknown_hint_is_a_file_and_a_busy_answer_says_the_capacity() -> None:
+async def test_an_unknown_hint_is_a_file_and_a_busy_answer_says_the_capacity(
+    servers: Servers,
+) -> None:
     config = make_config(
         VAD__KIND="energy", SERVER__PRIORITY_HINTS="any", LIMITS__MAX_FILE_JOBS="1"
     )
-    server = await start_server(config, engine=Echo(delay_s=1.0))
-    try:
-        first, second = await asyncio.gather(post(server.url, "urgent!"), post(server.url, None))
-        # One ran (an unknown hint is no hint: a file), the other found the one job slot
-        # taken; both say the capacity: one job at once (limits.max_file_jobs).
-        assert sorted([first.status, second.status]) == [200, 503]
-        assert first.headers[CAPACITY_HEADER] == second.headers[CAPACITY_HEADER] == "1"
-        values = await metrics(server.url)
-        assert metric(values, BATCHES, priority="file") == 1
-    finally:
-        await server.stop()
+    server = await servers.start(config, Echo(delay_s=1.0))
+    first, second = await asyncio.gather(post(server.url, "urgent!"), post(server.url, None))
+    # One ran (an unknown hint is no hint: a file), the other found the one job slot
+    # taken; both say the capacity: one job at once (limits.max_file_jobs).
+    assert sorted([first.status, second.status]) == [200, 503]
+    assert first.headers[CAPACITY_HEADER] == second.headers[CAPACITY_HEADER] == "1"
+    values = await metrics(server.url)
+    assert metric(values, BATCHES, priority="file") == 1

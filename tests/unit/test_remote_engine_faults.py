@@ -9,6 +9,7 @@ the server's timing is the test's to decide, which a real engine's is not."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -68,11 +69,16 @@ async def server() -> AsyncIterator[tuple[Script, str]]:
         await runner.cleanup()
 
 
-async def engine_for(url: str, **remote: object) -> RemoteEngine:
+@contextlib.asynccontextmanager
+async def engine_for(url: str, **remote: object) -> AsyncIterator[RemoteEngine]:
+    """A started engine on ``url`` (0.3 s per utterance, no retries unless given); closed."""
     settings: dict[str, object] = {"base_url": (url,), "timeout_s": 0.3, "retries": 0, **remote}
     engine = RemoteEngine(EngineConfig(kind="remote", remote=RemoteEngineConfig(**settings)))  # type: ignore[arg-type]
     await engine.start()
-    return engine
+    try:
+        yield engine
+    finally:
+        await engine.aclose()
 
 
 def said(prompt: str) -> EngineRequest:
@@ -83,8 +89,7 @@ async def test_timeouts_while_the_server_answers_others_never_take_it_out(
     server: tuple[Script, str],
 ) -> None:
     script, url = server
-    engine = await engine_for(url)
-    try:
+    async with engine_for(url) as engine:
         # More than FAILURE_THRESHOLD time out together, as in a node's long queue, while
         # the server answers another request.
         held = [
@@ -100,16 +105,13 @@ async def test_timeouts_while_the_server_answers_others_never_take_it_out(
         backend = engine.pool.backends[0]
         assert not engine.degraded and not backend.open and backend.failures == 0
         assert script.probes == 1  # the one at start: a busy server is not probed
-    finally:
-        await engine.aclose()
 
 
 async def test_a_timeout_with_no_answer_meanwhile_is_checked_by_a_probe(
     server: tuple[Script, str],
 ) -> None:
     script, url = server
-    engine = await engine_for(url)
-    try:
+    async with engine_for(url) as engine:
         for _ in range(4):
             with pytest.raises(EngineError) as err:
                 await engine.transcribe_one(said("hold"), Priority.FINAL)
@@ -118,16 +120,13 @@ async def test_a_timeout_with_no_answer_meanwhile_is_checked_by_a_probe(
                 await asyncio.sleep(0.01)
         # Each probe was answered: the server is alive, only slow for these requests.
         assert script.probes == 5 and not engine.degraded
-    finally:
-        await engine.aclose()
 
 
 async def test_a_server_that_answers_nothing_is_taken_out_and_probed_back(
     server: tuple[Script, str],
 ) -> None:
     script, url = server
-    engine = await engine_for(url)
-    try:
+    async with engine_for(url) as engine:
         script.stalled = True
         with pytest.raises(EngineError) as err:
             await engine.transcribe_one(said("x"), Priority.FINAL)
@@ -150,16 +149,13 @@ async def test_a_server_that_answers_nothing_is_taken_out_and_probed_back(
             await asyncio.sleep(0.02)
         assert not engine.degraded
         assert (await engine.transcribe_one(said("back"), Priority.FINAL)).text == "heard back"
-    finally:
-        await engine.aclose()
 
 
 async def test_priority_goes_out_capacity_comes_back_and_interims_are_not_retried(
     server: tuple[Script, str],
 ) -> None:
     script, url = server
-    engine = await engine_for(url, max_concurrency=8, retries=3)
-    try:
+    async with engine_for(url, max_concurrency=8, retries=3) as engine:
         assert engine.slots == 3  # the start-up probe's answer said 3 (under the cap, 8)
         await engine.transcribe_one(said("a"), Priority.FINAL)
         await engine.transcribe_one(said("b"), Priority.INTERIM)
@@ -174,5 +170,3 @@ async def test_priority_goes_out_capacity_comes_back_and_interims_are_not_retrie
         assert err.value.code == "interim_skipped"
         assert script.priorities == ["interim"]  # one try: the next interim is due anyway
         assert not engine.degraded
-    finally:
-        await engine.aclose()
