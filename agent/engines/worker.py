@@ -15,7 +15,7 @@ possibly the device) until it returns; ``degraded`` says so until then, and ``/r
 reports it. A GPU engine that never returns needs a restart of the process.
 
 An ``AsyncEngine`` (the remote engine: its work happens on another server) runs on the event
-loop instead: up to its ``max_concurrency`` requests at once, one task each, taken from the
+loop instead: up to its ``slots`` requests at once, one task each, taken from the
 same queues in the same order (one slot kept for finals, as lane 0 is), with the same
 bounds, timings and counters. Its requests can really be stopped, so withdrawing one
 (cancelling the caller) cancels its task at any time: ``started`` is never set for it.
