@@ -271,6 +271,60 @@ def check_format(rate: int, channels: int) -> None:
         )
 
 
+# -- the one file read without FFmpeg --------------------------------------------------------
+
+
+def read_pcm16_wav(data: bytes, max_duration_s: float | None = None) -> DecodedAudio | None:
+    """A canonical 16 kHz mono 16-bit PCM WAV's samples, read here; ``None`` for anything else.
+
+    What a gateway's remote engine sends (``agent.audio_formats.pcm16_wav``), one file per
+    utterance: a decoder child for it costs ~0.19 s of CPU to start, and FFmpeg would only
+    divide the integers by 32768, as this does (the same floats to the bit). Safe in the
+    server process because nothing here is guessed or sized by the file beyond the checks:
+    ``check_header`` first (its errors are the decoder's), then a plain ``RIFF``, a
+    ``fmt `` of exactly PCM/1 channel/16 kHz/16 bits before a ``data`` chunk that lies
+    whole inside the bytes already in memory. Any other file, or one that is odd in any
+    way (a truncated or open-ended ``data``, no samples), goes to the decoder as before.
+    Raises ``AudioInputError`` (``invalid_audio``, ``audio_too_long``).
+    """
+    file = io.BytesIO(data)
+    if sniff_format(data[:16]) != "wav" or data[:4] != b"RIFF":
+        return None
+    check_header(file)
+    fmt_ok = False
+    pos = 12
+    while pos + 8 <= len(data) and pos < _WAV_HEADER_SCAN:
+        chunk, size = data[pos : pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
+        body = pos + 8
+        if chunk == b"fmt ":
+            if size < 16 or body + 16 > len(data):
+                return None
+            tag, channels, rate, byte_rate, block_align, bits = struct.unpack_from(
+                "<HHIIHH", data, body
+            )
+            fmt_ok = (tag, channels, rate, byte_rate, block_align, bits) == (
+                0x0001,
+                1,
+                SAMPLE_RATE,
+                SAMPLE_RATE * 2,
+                2,
+                16,
+            )
+            if not fmt_ok:
+                return None
+        elif chunk == b"data":
+            if not fmt_ok or size == 0 or size % 2 or body + size > len(data):
+                return None
+            n = size // 2
+            if max_duration_s is not None and n / SAMPLE_RATE > max_duration_s:
+                raise _too_long(n / SAMPLE_RATE, max_duration_s)
+            pcm = np.frombuffer(data, dtype="<i2", count=n, offset=body)
+            samples = pcm.astype(np.float32) / np.float32(32768.0)
+            return DecodedAudio(samples, SAMPLE_RATE, SAMPLE_RATE, 1, "pcm_s16le")
+        pos = body + size + (size & 1)
+    return None
+
+
 # -- decoding ---------------------------------------------------------------------------------
 
 

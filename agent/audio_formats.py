@@ -12,6 +12,8 @@ Synchronous and I/O-free: the session runs ``PcmDecoder.decode`` on a worker thr
 
 from __future__ import annotations
 
+import io
+import wave
 from dataclasses import dataclass
 from typing import Literal
 
@@ -128,3 +130,19 @@ def _joined(frames: list[av.AudioFrame]) -> npt.NDArray[np.float32]:
         return np.zeros(0, np.float32)
     parts = [f.to_ndarray().reshape(-1).astype(np.float32, copy=False) for f in frames]
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def pcm16_wav(samples: npt.NDArray[np.float32], rate: int = SAMPLE_RATE) -> bytes:
+    """Mono float32 in [-1, 1] at ``rate`` -> a 16-bit PCM WAV file (about 1 ms per 10 s).
+
+    The canonical file: one ``fmt `` chunk then ``data``, which ``agent.audio_file`` reads
+    without a decoder process (``read_pcm16_wav``). The remote engine sends utterances so.
+    """
+    pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
+    out = io.BytesIO()
+    with wave.open(out, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(pcm.tobytes())
+    return out.getvalue()

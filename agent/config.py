@@ -47,6 +47,11 @@ class ServerConfig:
     #: WebSockets over TLS (https, wss); both empty serves plain http (behind a TLS proxy).
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    #: Whose ``X-Voxtral-Priority`` (a gateway's ``final``/``interim``) ``/v1/audio/
+    #: transcriptions`` queues by: ``authenticated`` callers only (``auth_tokens`` set: every
+    #: caller holds a token), ``any`` caller (a node only gateways can reach), or ``none``.
+    #: Unheeded, a request is a recorded file's piece. See docs/scaling.md.
+    priority_hints: Literal["none", "authenticated", "any"] = "authenticated"
 
     def validate(self) -> None:
         _check(
@@ -236,7 +241,8 @@ class RemoteEngineConfig:
     model: str = ""
     #: One utterance's whole budget, retries included; past it: ``engine_timeout``.
     timeout_s: float = 10.0
-    #: Requests in flight at once, over all servers; more wait in the engine queue.
+    #: Requests in flight at once per server, at most (a voxtral-rtc node that says it runs
+    #: fewer, ``X-Voxtral-Capacity``, gets fewer); more wait in the gateway's engine queue.
     max_concurrency: int = 16
     #: Further tries of a request that met a connection error or a 5xx, backing off.
     retries: int = 2

@@ -51,6 +51,8 @@ class TranscribeOptions:
     prompt: str | None = None
     #: One piece per speech region (per-phrase times) rather than packed 30 s pieces.
     timestamps: bool = False
+    #: The engine queue its pieces wait in: a gateway's utterance may ask for a live one.
+    priority: Priority = Priority.FILE
 
 
 @dataclass(frozen=True)
@@ -222,7 +224,7 @@ class FileTranscriber:
             prompt=options.prompt,
         )
         return asyncio.create_task(
-            self._worker.transcribe(request, Priority.FILE), name=f"file-piece-{piece.index}"
+            self._worker.transcribe(request, options.priority), name=f"file-piece-{piece.index}"
         )
 
 

@@ -32,12 +32,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
-import shlex
 import sys
 import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -52,24 +49,23 @@ from agent.transports.webrtc_peer import restrict_host_addresses
 from bench.common import (
     LOOPBACK,
     REPO_ROOT,
-    RESULTS_DIR,
+    add_run_args,
+    audio_header,
+    check_run_args,
     free_port,
     loopback_config,
     machine_info,
     markdown_table,
-    save_results,
-    shown_path,
+    report_header,
+    run_bench,
     subprocess_server,
     summarize,
 )
 from bench.latency import (
     _transport_arg,
-    add_quiet_args,
-    add_reference_args,
     offline_utterances,
     parse_transports,
     pooled_wer,
-    reference_info,
     run_phase,
     transport_order,
 )
@@ -229,16 +225,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         }
     single = len(by_transport) == 1
     return {
-        "benchmark": "capacity",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": shlex.join([shown_path(Path(sys.executable)), *sys.argv]),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "machine": {**machine, "load_avg_1m": [load_before, os.getloadavg()[0]]},
+        **report_header("capacity", args, machine, load_before),
         "engine": engine,
         "transport": args.transport,
         "config": asdict(config),
-        "audio": {"path": shown_path(args.audio), "seconds": round(len(samples) / 16_000, 2)},
-        "reference": reference_info(args),
+        **audio_header(args, samples),
         "criteria": {"late_ms": args.late_ms, "p95_ms": args.p95_ms},
         # One transport: its capacity and passing counts, as before; several: per transport.
         "capacity": next(iter(by_transport.values()))["capacity"] if single else None,
@@ -446,28 +437,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--settle-s", type=float, default=2.0, help="pause between counts (2)")
     p.add_argument("--keep-going", action="store_true", help="run every count, even after a fail")
-    add_reference_args(p)
-    add_quiet_args(p)
-    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
-    p.add_argument("--no-save", action="store_true", help="print the table only")
+    add_run_args(p)
     args = p.parse_args(argv)
-    if min(args.calls) < 1 or args.repeat < 1:
-        p.error("--calls and --repeat must be >= 1")
-    reference = reference_info(args)
-    args.reference_text = None if reference is None else reference["text"]
-    return args
+    return check_run_args(p, args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    report = asyncio.run(bench(args))
-    markdown = render(report)
-    print(markdown)
-    if not args.no_save:
-        for path in save_results("capacity", report, markdown, args.out_dir):
-            print(f"saved {shown_path(path)}")
-    return 0
+    # The verdict is in the table (the most calls held), not in the exit status.
+    return run_bench("capacity", parse_args(argv), bench, render, lost=lambda report: 0)
 
 
 if __name__ == "__main__":

@@ -8,16 +8,19 @@ Every benchmark prints a markdown table and saves the same figures twice under
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ import numpy as np
 import yaml
 
 from agent.config import ENV_PREFIX, Config, load_config
+from agent.errors import ConfigError
 from tests.conftest import normalise
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -320,3 +324,115 @@ def shown_path(path: Path) -> str:
     """``path`` relative to the repository when inside it (results stay machine-neutral)."""
     path = path.absolute()
     return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def lost_finals(report: dict[str, Any]) -> int:
+    """Finals missing or failed over a report's phases (``latency``/``gateway`` reports)."""
+    return sum(p["counts"]["missing"] + p["counts"]["failed"] for p in report["phases"])
+
+
+def run_bench(
+    name: str,
+    args: argparse.Namespace,
+    bench: Callable[[argparse.Namespace], Awaitable[dict[str, Any]]],
+    render: Callable[[dict[str, Any]], str],
+    lost: Callable[[dict[str, Any]], int] = lost_finals,
+) -> int:
+    """A benchmark's ``main``: run it, print its markdown, save the results (unless
+    ``--no-save``). Exit status 2 when it could not run (a server did not start, the machine
+    never went quiet, a bad config), 1 when ``lost`` finals, else 0."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        report = asyncio.run(bench(args))
+    except (RuntimeError, TimeoutError, ConfigError) as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    markdown = render(report)
+    print(markdown)
+    if not args.no_save:
+        for path in save_results(name, report, markdown, args.out_dir):
+            print(f"saved {shown_path(path)}")
+    return 1 if lost(report) else 0
+
+
+# -- the arguments every call benchmark takes --------------------------------------------
+
+
+def add_quiet_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quiet-pct",
+        type=float,
+        default=0.0,
+        help="before each run, wait until the whole machine's busy CPU over 1 s is at most "
+        "this %% of one core (a shared machine; default: 0 = do not wait)",
+    )
+    p.add_argument(
+        "--quiet-wait-s",
+        type=float,
+        default=120.0,
+        help="longest wait for --quiet-pct; the run then starts anyway (default: 120)",
+    )
+
+
+#: beckett.wav's transcript, from ``../shared/audio/README.md``.
+BECKETT_REFERENCE = "Ever tried. Ever failed. No matter. Try again. Fail again. Fail better."
+
+
+def add_reference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--reference",
+        type=Path,
+        help="text file with what the audio says, for the word error rate (default: the "
+        "audio's .txt beside it, e.g. from bench/make_joined_speech.py; beckett.wav's own "
+        "transcript for beckett.wav; otherwise no WER)",
+    )
+
+
+def reference_info(args: argparse.Namespace) -> dict[str, str] | None:
+    """The reference text for ``args.audio`` and where it came from (see ``--reference``)."""
+    sidecar = args.audio.with_suffix(".txt")
+    if args.reference is not None:
+        return {"text": args.reference.read_text().strip(), "source": shown_path(args.reference)}
+    if sidecar.is_file():
+        return {"text": sidecar.read_text().strip(), "source": shown_path(sidecar)}
+    if args.audio.name == "beckett.wav":
+        return {"text": BECKETT_REFERENCE, "source": "../shared/audio/README.md"}
+    return None
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """``--reference``, ``--quiet-pct``/``--quiet-wait-s``, ``--out-dir``, ``--no-save``."""
+    add_reference_args(p)
+    add_quiet_args(p)
+    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--no-save", action="store_true", help="print the table only")
+
+
+def check_run_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Refuse counts below one; set ``args.reference_text`` (None: no WER)."""
+    if min(args.calls) < 1 or args.repeat < 1:
+        p.error("--calls and --repeat must be >= 1")
+    reference = reference_info(args)
+    args.reference_text = None if reference is None else reference["text"]
+    return args
+
+
+def report_header(
+    name: str, args: argparse.Namespace, machine: dict[str, Any], load_before: float
+) -> dict[str, Any]:
+    """The first keys of a call benchmark's report: what ran, when, how, on what."""
+    return {
+        "benchmark": name,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": shlex.join([shown_path(Path(sys.executable)), *sys.argv]),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": {**machine, "load_avg_1m": [load_before, os.getloadavg()[0]]},
+    }
+
+
+def audio_header(args: argparse.Namespace, samples: Sized) -> dict[str, Any]:
+    """The report's ``audio`` (16 kHz samples) and ``reference`` keys."""
+    return {
+        "audio": {"path": shown_path(args.audio), "seconds": round(len(samples) / 16_000, 2)},
+        "reference": reference_info(args),
+    }

@@ -31,8 +31,9 @@ Calls per gateway core = 100 / (gateway CPU % of one core per call).
 segmenter's own cut: pre-roll + speech + hangover, as the gateway sends it) to the node N
 times, one request at a time, on an otherwise idle node: the client's round trip against the
 node's engine time for that one request (its ``/metrics`` read around it). The difference is
-what the node's file pipeline costs per utterance (HTTP + multipart, the decoder child, the
-VAD pass and cutting of ``agent/file_transcriber.py``), which an in-process engine does not pay.
+what the node's file pipeline costs per utterance (HTTP + multipart, reading the WAV (in the
+node's process for the gateway's PCM WAVs, else a decoder child), the VAD pass and cutting
+of ``agent/file_transcriber.py``), which an in-process engine does not pay.
 """
 
 from __future__ import annotations
@@ -41,9 +42,7 @@ import argparse
 import asyncio
 import contextlib
 import copy
-import logging
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -59,25 +58,26 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agent.audio_formats import pcm16_wav
 from agent.config import Config
 from agent.detector import SpeechDetector
-from agent.engines.remote import encode_wav
-from agent.errors import ConfigError
 from agent.segmenter import SegmenterOptions, Utterance
 from agent.transports.webrtc_peer import restrict_host_addresses
 from agent.vad import SileroVad
 from bench.common import (
     LOOPBACK,
     REPO_ROOT,
-    RESULTS_DIR,
     ServerHandle,
+    add_run_args,
+    audio_header,
+    check_run_args,
     free_port,
     loopback_config,
     machine_info,
     markdown_table,
     process_cpu_seconds,
-    save_results,
-    shown_path,
+    report_header,
+    run_bench,
     subprocess_server,
     summarize,
     wait_quiet,
@@ -85,11 +85,8 @@ from bench.common import (
 from bench.latency import (
     _summaries,
     _transport_arg,
-    add_quiet_args,
-    add_reference_args,
     offline_utterances,
     pooled_wer,
-    reference_info,
     run_phase,
 )
 from signaling.client import read_audio
@@ -180,13 +177,17 @@ def engine_figures(layout: str, deltas: dict[str, dict[str, float]]) -> dict[str
             if role.startswith("node"):
                 for k, v in delta.items():
                     node[k] = node.get(k, 0.0) + v
-        n, s = _batch(node, "file")
+        by_priority = {p: _batch(node, p) for p in ("final", "interim", "file")}
+        n = sum(pn for pn, _ in by_priority.values())
+        s = sum(ps for _, ps in by_priority.values())
+        out["node_batches_by_priority"] = {p: pn for p, (pn, _) in by_priority.items()}
+        out["node_skipped_interims"] = int(node.get("voxtral_rtc_skipped_interims_total{}", 0))
         out["node_batches"] = n
         out["node_batch_mean_ms"] = round(1000 * s / n, 1) if n else None
         out["node_engine_s"] = round(s, 3)
         out["gateway_round_trip_s"] = round(total_s, 3)
         # What the requests' round trips held beyond the node's engine calls, per request:
-        # HTTP, the node's decoder child, VAD and cutting, its queue. Overstated when the node
+        # HTTP, the node's decoding, VAD and cutting, its queue. Overstated when the node
         # batched several requests in one call (counted once), understated by the engine
         # time of requests the gateway withdrew (aborted: not in its round trips).
         out["beyond_node_engine_ms_per_request"] = (
@@ -216,7 +217,7 @@ async def calibrate(node_url: str, cuts: list[Utterance], repeat: int) -> dict[s
     async with aiohttp.ClientSession(timeout=timeout) as http:
         for r in range(repeat):
             for cut in cuts:
-                wav = encode_wav(cut.audio)
+                wav = pcm16_wav(cut.audio)
                 before = await scrape_all(http, node_url)
                 form = aiohttp.FormData()
                 form.add_field("response_format", "json")
@@ -307,7 +308,7 @@ async def _warm_node(url: str, samples: Any) -> None:
     """One request first: the node starts its decoder pool on the first upload."""
     form = aiohttp.FormData()
     form.add_field("response_format", "json")
-    form.add_field("file", encode_wav(samples[:16_000]), filename="w.wav", content_type="audio/wav")
+    form.add_field("file", pcm16_wav(samples[:16_000]), filename="w.wav", content_type="audio/wav")
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
         async with http.post(f"{url}/v1/audio/transcriptions", data=form) as resp:
             await resp.read()
@@ -334,6 +335,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             for role in node_roles:
                 node = copy.deepcopy(base)
                 node.setdefault("limits", {})["max_file_jobs"] = args.node_file_jobs
+                # Reached by the gateway only (loopback): it queues by the gateway's priorities.
+                node.setdefault("server", {})["priority_hints"] = "any"
                 if args.node_lanes:
                     node.setdefault("engine", {})["lanes"] = args.node_lanes
                 raws[role] = node
@@ -397,15 +400,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     handles["node"].url, offline_cuts(samples, call_config), args.calibrate
                 )
     return {
-        "benchmark": "gateway",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": shlex.join([shown_path(Path(sys.executable)), *sys.argv]),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "machine": {**machine, "load_avg_1m": [load_before, os.getloadavg()[0]]},
+        **report_header("gateway", args, machine, load_before),
         "engines": engines,
         "configs": {role: asdict(c) for role, c in configs.items()},
-        "audio": {"path": shown_path(args.audio), "seconds": round(len(samples) / 16_000, 2)},
-        "reference": reference_info(args),
+        **audio_header(args, samples),
         "offline": [asdict(o) for o in offline],
         "by_layout": aggregate(phases),
         "calibration": calibration,
@@ -579,7 +577,7 @@ def render(report: dict[str, Any]) -> str:
                 (
                     "round trip at the client",
                     "node engine call",
-                    "rest (HTTP, decoder child, VAD, cutting)",
+                    "rest (HTTP, decoding, VAD, cutting)",
                     "rest / round trip",
                 ),
                 [
@@ -750,7 +748,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="the nodes' engine.lanes (default: 0 = the config's; a node with more than one "
-        "lane keeps lane 0 for live finals, which its file requests never are)",
+        "lane keeps lane 0 for live finals, the gateway's X-Voxtral-Priority: final requests)",
     )
     p.add_argument(
         "--gateway-concurrency",
@@ -773,38 +771,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--match-tolerance-ms", type=float, default=400.0)
     p.add_argument("--ws-chunk-ms", type=int, default=50)
     p.add_argument("--settle-s", type=float, default=1.0)
-    add_reference_args(p)
-    add_quiet_args(p)
-    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
-    p.add_argument("--no-save", action="store_true")
+    add_run_args(p)
     args = p.parse_args(argv)
     args.layouts = tuple(dict.fromkeys(x.strip() for x in args.layouts_arg.split(",") if x))
     if not args.layouts or any(x not in LAYOUTS for x in args.layouts):
         p.error(f"--layout: use {', '.join(LAYOUTS)} or both comma-separated")
     if "," in args.transport:
         p.error("--transport: one transport per run here")
-    if min(args.calls) < 1 or args.repeat < 1:
-        p.error("--calls and --repeat must be >= 1")
-    reference = reference_info(args)
-    args.reference_text = None if reference is None else reference["text"]
-    return args
+    return check_run_args(p, args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        report = asyncio.run(bench(args))
-    except (RuntimeError, TimeoutError, ConfigError) as exc:
-        print(f"gateway: {exc}", file=sys.stderr)
-        return 2
-    markdown = render(report)
-    print(markdown)
-    if not args.no_save:
-        for path in save_results("gateway", report, markdown, args.out_dir):
-            print(f"saved {shown_path(path)}")
-    bad = sum(p["counts"]["missing"] + p["counts"]["failed"] for p in report["phases"])
-    return 1 if bad else 0
+    return run_bench("gateway", parse_args(argv), bench, render)
 
 
 if __name__ == "__main__":

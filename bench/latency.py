@@ -40,10 +40,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import os
 import random
-import shlex
 import sys
 import tempfile
 import time
@@ -60,23 +58,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.config import Config
 from agent.detector import SpeechDetector
-from agent.errors import ConfigError
 from agent.segmenter import SegmenterOptions, SpeechStarted, Utterance
 from agent.transports.webrtc_peer import restrict_host_addresses
 from agent.vad import SileroVad
 from bench.common import (
     LOOPBACK,
     REPO_ROOT,
-    RESULTS_DIR,
     ServerHandle,
+    add_run_args,
+    audio_header,
+    check_run_args,
     free_port,
     inprocess_server,
     loopback_config,
     machine_info,
     markdown_table,
     process_cpu_seconds,
-    save_results,
-    shown_path,
+    report_header,
+    run_bench,
     subprocess_server,
     summarize,
     system_busy_seconds,
@@ -898,36 +897,15 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                         )
                         await asyncio.sleep(args.settle_s)
     return {
-        "benchmark": "latency",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": shlex.join([shown_path(Path(sys.executable)), *sys.argv]),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "machine": {**machine, "load_avg_1m": [load_before, os.getloadavg()[0]]},
+        **report_header("latency", args, machine, load_before),
         "server_mode": args.server,
         "engine": engine,
         "config": asdict(config),
-        "audio": {"path": shown_path(args.audio), "seconds": round(len(samples) / 16_000, 2)},
-        "reference": reference_info(args),
+        **audio_header(args, samples),
         "offline": [asdict(o) for o in offline],
         "by_calls": aggregate(phases),
         "phases": phases,
     }
-
-
-def add_quiet_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--quiet-pct",
-        type=float,
-        default=0.0,
-        help="before each run, wait until the whole machine's busy CPU over 1 s is at most "
-        "this %% of one core (a shared machine; default: 0 = do not wait)",
-    )
-    p.add_argument(
-        "--quiet-wait-s",
-        type=float,
-        default=120.0,
-        help="longest wait for --quiet-pct; the run then starts anyway (default: 120)",
-    )
 
 
 def parse_transports(choice: str) -> tuple[str, ...]:
@@ -955,32 +933,6 @@ def transport_order(choice: str, repeat: int) -> tuple[str, ...]:
 def _transport_arg(value: str) -> str:
     parse_transports(value)  # validated here, kept as typed (it is shown in the report)
     return value
-
-
-#: beckett.wav's transcript, from ``../shared/audio/README.md``.
-BECKETT_REFERENCE = "Ever tried. Ever failed. No matter. Try again. Fail again. Fail better."
-
-
-def add_reference_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--reference",
-        type=Path,
-        help="text file with what the audio says, for the word error rate (default: the "
-        "audio's .txt beside it, e.g. from bench/make_joined_speech.py; beckett.wav's own "
-        "transcript for beckett.wav; otherwise no WER)",
-    )
-
-
-def reference_info(args: argparse.Namespace) -> dict[str, str] | None:
-    """The reference text for ``args.audio`` and where it came from (see ``--reference``)."""
-    sidecar = args.audio.with_suffix(".txt")
-    if args.reference is not None:
-        return {"text": args.reference.read_text().strip(), "source": shown_path(args.reference)}
-    if sidecar.is_file():
-        return {"text": sidecar.read_text().strip(), "source": shown_path(sidecar)}
-    if args.audio.name == "beckett.wav":
-        return {"text": BECKETT_REFERENCE, "source": "../shared/audio/README.md"}
-    return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1058,44 +1010,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "matched to (default: 400)",
     )
     p.add_argument("--settle-s", type=float, default=1.0, help="pause between runs (default: 1)")
-    add_reference_args(p)
-    add_quiet_args(p)
-    p.add_argument(
-        "--out-dir",
-        type=Path,
-        default=RESULTS_DIR,
-        help="where results are saved (default: bench/results)",
-    )
-    p.add_argument("--no-save", action="store_true", help="print the table only")
+    add_run_args(p)
     args = p.parse_args(argv)
-    if min(args.calls) < 1 or args.repeat < 1:
-        p.error("--calls and --repeat must be >= 1")
     if not 10 <= args.ws_chunk_ms <= 1000:
         p.error("--ws-chunk-ms must be within 10..1000")
     if not args.audio.is_file():
         p.error(f"no such file: {args.audio}")
     if args.reference is not None and not args.reference.is_file():
         p.error(f"no such file: {args.reference}")
-    reference = reference_info(args)
-    args.reference_text = None if reference is None else reference["text"]
-    return args
+    return check_run_args(p, args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        report = asyncio.run(bench(args))
-    except (RuntimeError, TimeoutError, ConfigError) as exc:  # server start, idle wait, config
-        print(f"latency: {exc}", file=sys.stderr)
-        return 2
-    markdown = render(report)
-    print(markdown)
-    if not args.no_save:
-        for path in save_results("latency", report, markdown, args.out_dir):
-            print(f"saved {shown_path(path)}")
-    bad = sum(p["counts"]["missing"] + p["counts"]["failed"] for p in report["phases"])
-    return 1 if bad else 0  # 2: could not run at all
+    return run_bench("latency", parse_args(argv), bench, render)
 
 
 if __name__ == "__main__":

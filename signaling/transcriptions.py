@@ -12,10 +12,19 @@ Every failure before the first byte of the answer is a JSON error: 400 for unusa
 413 for the size and duration limits, 503 while the engine loads or when
 ``limits.max_file_jobs`` transcriptions already run. A failure while streaming is an SSE
 ``error`` event, which the ``openai`` SDK raises as ``APIError``.
+
+A gateway's remote engine (``agent.engines.remote``) sends each live utterance here, a
+canonical 16 kHz PCM WAV that is read in this process (``read_pcm16_wav``: no decoder child
+for it). Its ``X-Voxtral-Priority: final|interim`` queues the pieces as live finals or
+interims (a stale interim is skipped, 503 ``interim_skipped``), but only from callers the
+server trusts (``server.priority_hints``): anyone else would jump the queue of the live
+calls. Its answers (but streams) say in ``X-Voxtral-Capacity`` how many utterances the
+engine runs at once, so gateways send no more than that and keep the queue on their side.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -26,9 +35,11 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.audio_file import DecodedAudio
+from agent.audio_file import DecodedAudio, read_pcm16_wav
 from agent.config import Config
 from agent.decoder_process import DecodeLimits, DecoderPool
+from agent.engines.remote import CAPACITY_HEADER, PRIORITY_HEADER, parse_priority_hint
+from agent.engines.worker import EngineWorker, Priority
 from agent.errors import AudioInputError, EngineError
 from agent.file_transcriber import FileTranscriber, Plan, Segment, TranscribeOptions, stitch
 from agent.transcript_formats import needs_timestamps, render, usage
@@ -75,6 +86,12 @@ class FileJobs:
     @property
     def max_reading(self) -> int:
         return READS_PER_JOB * self.config.limits.max_file_jobs
+
+    def capacity(self, worker: EngineWorker | None) -> int:
+        """Utterances the engine runs at once (lanes × batch), at most one per file job:
+        what a gateway should send at once (``X-Voxtral-Capacity``)."""
+        engine = worker.lanes * worker.max_batch if worker is not None else 1
+        return max(1, min(engine, self.config.limits.max_file_jobs))
 
     @contextlib.contextmanager
     def read_slot(self) -> Iterator[None]:
@@ -127,6 +144,17 @@ async def transcriptions(request: web.Request) -> web.StreamResponse:
     """``POST /v1/audio/transcriptions``: one file in, its transcript in the asked format."""
     state = _ready_state(request)
     jobs = request.app[FILE_JOBS]
+    try:
+        response = await _serve(request, state, jobs)
+    except ApiError as exc:
+        exc.headers[CAPACITY_HEADER] = str(jobs.capacity(state.worker))
+        raise
+    if not response.prepared:  # a stream's headers are gone already (gateways never stream)
+        response.headers[CAPACITY_HEADER] = str(jobs.capacity(state.worker))
+    return response
+
+
+async def _serve(request: web.Request, state: ServerState, jobs: FileJobs) -> web.StreamResponse:
     # The body first, then a slot: a client that stalls mid-upload holds a read (paced, so
     # not for long), never one of the few transcription slots.
     with jobs.read_slot():
@@ -155,14 +183,14 @@ async def _transcribe(
     if data is None:
         assert job.url is not None
         data = await fetch_url(job.url, FetchOptions.from_limits(config.limits))
-    # Anyone's bytes: decoded in a process of its own (agent.decoder_process), never here.
-    decoded: DecodedAudio = await jobs.decoder.decode(data)
+    decoded = await _decode(data, jobs)
     transcriber = FileTranscriber.from_config(state.worker, state.vad, config, jobs.executor)
     params = job.params
     options = TranscribeOptions(
         language=params.language,
         prompt=params.prompt,
         timestamps=needs_timestamps(params.response_format),
+        priority=_priority(request, config),
     )
     plan = await transcriber.plan(decoded.samples, options)
     if params.stream:
@@ -177,6 +205,31 @@ async def _transcribe(
         params.response_format,
     )
     return web.Response(text=rendered.body, content_type=rendered.content_type)
+
+
+async def _decode(data: bytes, jobs: FileJobs) -> DecodedAudio:
+    """A canonical 16 kHz PCM WAV (a gateway's utterance) is read here, on a file-job
+    thread; anything else is anyone's bytes: decoded in a process of its own
+    (``agent.decoder_process``), never here."""
+    loop = asyncio.get_running_loop()
+    max_s = jobs.config.limits.max_audio_s
+    plain = await loop.run_in_executor(jobs.executor, read_pcm16_wav, data, max_s)
+    return plain if plain is not None else await jobs.decoder.decode(data)
+
+
+def _priority(request: web.Request, config: Config) -> Priority:
+    """The engine queue of this request's pieces: a recorded file's, unless a trusted caller
+    (a gateway) says it is a live final or interim.
+
+    Trusted: with ``server.priority_hints: authenticated`` (the default) only when the
+    server has ``auth_tokens``, since the auth middleware then let no one here without a
+    token; with ``any``, every caller (a node that only gateways can reach). An untrusted
+    hint is ignored, not refused: the file is still transcribed, in its place.
+    """
+    hint = parse_priority_hint(request.headers.get(PRIORITY_HEADER))
+    policy = config.server.priority_hints
+    trusted = policy == "any" or (policy == "authenticated" and bool(config.server.auth_tokens))
+    return hint if hint is not None and trusted else Priority.FILE
 
 
 async def _stream(
@@ -222,6 +275,8 @@ def _ready_state(request: web.Request) -> ServerState:
 
 
 def _engine_error(exc: EngineError) -> ApiError:
-    if exc.code in ("queue_full", "engine_unavailable", "shutdown"):
+    # interim_skipped: a gateway's interim that the engine had no time for (a newer one is
+    # due), not a fault.
+    if exc.code in ("queue_full", "engine_unavailable", "shutdown", "interim_skipped"):
         return ApiError(503, exc.code, str(exc), "server_error", {"Retry-After": "5"})
     return ApiError(500, exc.code, str(exc), "server_error")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
-import wave
 
 import av
 import numpy as np
 import numpy.typing as npt
+
+from agent.audio_formats import pcm16_wav
 
 #: (container format, codec, sample rate) per file kind the endpoint must accept.
 ENCODINGS = {
@@ -46,12 +47,5 @@ def encode(samples16k: npt.NDArray[np.float32], kind: str, stereo: bool = True) 
 
 
 def wav_bytes(samples: npt.NDArray[np.float32], rate: int = 16_000) -> bytes:
-    """Mono 16-bit PCM WAV."""
-    pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(pcm.tobytes())
-    return buf.getvalue()
+    """Mono 16-bit PCM WAV (the server's own writer: what the remote engine sends)."""
+    return pcm16_wav(samples, rate)

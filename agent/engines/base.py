@@ -17,6 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import IntEnum
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +27,19 @@ from agent.errors import EngineError
 SAMPLE_RATE = 16_000
 
 Samples = npt.NDArray[np.float32]
+
+
+class Priority(IntEnum):
+    """Served in this order. Live finals first: a person is waiting for them; recorded-file
+    pieces next; interims last (and skipped when stale).
+
+    Part of an engine's contract because a remote engine passes it on: the server it calls
+    (another voxtral-rtc) then queues the request as the gateway would have.
+    """
+
+    FINAL = 0
+    FILE = 1
+    INTERIM = 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,17 +93,27 @@ class AsyncEngine(ABC):
 
     #: Short name reported in ``session.created`` and ``/readyz``.
     name: str = "engine"
-    #: Requests the worker lets run at once; more wait in its queue, by priority.
+    #: Requests the worker lets run at once, at most; more wait in its queue, by priority.
     max_concurrency: int = 1
 
     @abstractmethod
-    async def transcribe_one(self, request: EngineRequest) -> EngineResult:
+    async def transcribe_one(self, request: EngineRequest, priority: Priority) -> EngineResult:
         """Return the request's text. Raise ``EngineError`` (with its wire code) to fail it.
+
+        ``priority`` is the worker's queue the request came from, for an engine whose
+        server queues requests too (it tells that server which ones a person waits for).
 
         The worker cancels this coroutine when the caller withdraws the utterance (a
         speculative final voided by more speech, a call that ended): it must then stop
         the work it started, not leave it running.
         """
+
+    @property
+    def slots(self) -> int:
+        """Requests the worker lets run at once now. Read before every start, so an engine
+        may change it while it runs (the servers behind it said how many requests they run
+        at once, or one went out of service); ``max_concurrency`` unless it does."""
+        return self.max_concurrency
 
     async def start(self) -> None:
         """Open connections before the first utterance (on the event loop)."""

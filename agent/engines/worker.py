@@ -15,7 +15,7 @@ possibly the device) until it returns; ``degraded`` says so until then, and ``/r
 reports it. A GPU engine that never returns needs a restart of the process.
 
 An ``AsyncEngine`` (the remote engine: its work happens on another server) runs on the event
-loop instead: up to its ``max_concurrency`` requests at once, one task each, taken from the
+loop instead: up to its ``slots`` requests at once, one task each, taken from the
 same queues in the same order (one slot kept for finals, as lane 0 is), with the same
 bounds, timings and counters. Its requests can really be stopped, so withdrawing one
 (cancelling the caller) cancels its task at any time: ``started`` is never set for it.
@@ -32,7 +32,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from enum import IntEnum
 
 from agent.config import EngineConfig
 from agent.engines.base import (
@@ -42,18 +41,10 @@ from agent.engines.base import (
     EngineResult,
     StreamingEngine,
 )
+from agent.engines.base import Priority as Priority  # re-exported: sessions import it here
 from agent.errors import EngineError
 
 log = logging.getLogger(__name__)
-
-
-class Priority(IntEnum):
-    """Served in this order. Live finals first: a person is waiting for them; recorded-file
-    pieces next; interims last (and skipped when stale)."""
-
-    FINAL = 0
-    FILE = 1
-    INTERIM = 2
 
 
 @dataclass(frozen=True)
@@ -361,13 +352,22 @@ class EngineWorker:
 
     # -- an AsyncEngine: requests on the event loop ---------------------------------------
 
+    def _async_slots(self) -> int:
+        """Requests the engine takes at once now (``AsyncEngine.slots`` may change while it
+        runs; each finished request wakes the dispatcher, which reads it again)."""
+        assert isinstance(self.engine, AsyncEngine)
+        return max(1, self.engine.slots)
+
     def _async_finals_only(self) -> bool:
         """One slot is kept for finals (as lane 0 is on a threaded engine), so a final never
         waits for interims to come back."""
-        return self.lanes > 1 and len(self._requests) >= self.lanes - 1
+        slots = self._async_slots()
+        return slots > 1 and len(self._requests) >= slots - 1
 
     def _may_start(self) -> bool:
-        return len(self._requests) < self.lanes and self._has_work(self._async_finals_only())
+        return len(self._requests) < self._async_slots() and self._has_work(
+            self._async_finals_only()
+        )
 
     async def _dispatch(self) -> None:
         """Start queued requests, best priority first, while a slot is free."""
@@ -388,7 +388,7 @@ class EngineWorker:
             try:
                 # The engine bounds its own requests; the watchdog is the backstop.
                 async with asyncio.timeout(self._config.watchdog_s):
-                    result = await engine.transcribe_one(job.request)
+                    result = await engine.transcribe_one(job.request, job.priority)
             except TimeoutError:
                 result = EngineError(
                     f"the engine did not answer within {self._config.watchdog_s:g} s",

@@ -10,7 +10,7 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
@@ -20,10 +20,11 @@ import numpy.typing as npt
 import pytest
 
 from agent.engines.base import Engine, EngineRequest, EngineResult
-from signaling.app import RunningServer, start_server
+from signaling.app import RunningServer
 from signaling.client import ArrayAudioTrack, RealtimeClient
 from tests.conftest import BECKETT_PHRASES, make_config, normalise
 from tests.engine_gate import CountingEngine
+from tests.integration.server_process import Servers
 from tests.integration.test_robustness import Echo, scrape, wait_for
 
 COMPLETED = "conversation.item.input_audio_transcription.completed"
@@ -126,22 +127,13 @@ async def open_socket(
 
 
 @pytest.fixture
-async def server(embedded_engine: Engine) -> AsyncIterator[RunningServer]:
-    running = await start_server(make_config(SERVER__AUTH_TOKENS=TOKEN), engine=embedded_engine)
-    try:
-        yield running
-    finally:
-        await running.stop()
+async def server(servers: Servers, embedded_engine: Engine) -> RunningServer:
+    return await servers.start(make_config(SERVER__AUTH_TOKENS=TOKEN), embedded_engine)
 
 
 @pytest.fixture
-async def echo_ws_server() -> AsyncIterator[RunningServer]:
-    config = make_config(VAD__KIND="energy", SERVER__AUTH_TOKENS=TOKEN)
-    running = await start_server(config, engine=Echo())
-    try:
-        yield running
-    finally:
-        await running.stop()
+async def echo_ws_server(servers: Servers) -> RunningServer:
+    return await servers.start(make_config(VAD__KIND="energy", SERVER__AUTH_TOKENS=TOKEN), Echo())
 
 
 def assert_phrases(completed: Sequence[dict[str, Any]]) -> None:
@@ -295,6 +287,7 @@ class Recording(Engine):
 
 
 async def test_client_events_are_handled_in_arrival_order(
+    servers: Servers,
     beckett_audio: npt.NDArray[np.float32],
 ) -> None:
     """A ``session.update`` sent right after a ``commit`` does not change that commit's
@@ -305,27 +298,24 @@ async def test_client_events_are_handled_in_arrival_order(
         ENGINE__INTERIM_INTERVAL_MS="0",
         ENGINE__SPECULATIVE_FINAL="false",
     )
-    server = await start_server(config, engine=engine)
-    try:
-        async with aiohttp.ClientSession() as http:
-            sock = await open_socket(http, server)
-            await sock.send({"type": "session.update", "session": {"turn_detection": None}})
-            audio = encode(beckett_audio[: int(16000 * 1.5)], "pcm16")
-            # Everything in one burst: the server sees it all queued at once.
-            for i in range(0, len(audio), 4800):
-                chunk = base64.b64encode(audio[i : i + 4800]).decode()
-                await sock.send({"type": "input_audio_buffer.append", "audio": chunk})
-            await sock.send({"type": "input_audio_buffer.commit"})
-            update = {"input_audio_transcription": {"prompt": "after"}}
-            await sock.send({"type": "session.update", "session": update})
-            await sock.send({"type": "input_audio_buffer.commit"})
-            await sock.wait(COMPLETED, timeout=10)
-            await sock.wait("error", timeout=10)  # the second commit: nothing after the first
-            assert engine.prompts == [None]
-            assert sock.of_type("error")[0]["error"]["code"] == "input_audio_buffer_commit_empty"
-            await sock.close()
-    finally:
-        await server.stop()
+    server = await servers.start(config, engine)
+    async with aiohttp.ClientSession() as http:
+        sock = await open_socket(http, server)
+        await sock.send({"type": "session.update", "session": {"turn_detection": None}})
+        audio = encode(beckett_audio[: int(16000 * 1.5)], "pcm16")
+        # Everything in one burst: the server sees it all queued at once.
+        for i in range(0, len(audio), 4800):
+            chunk = base64.b64encode(audio[i : i + 4800]).decode()
+            await sock.send({"type": "input_audio_buffer.append", "audio": chunk})
+        await sock.send({"type": "input_audio_buffer.commit"})
+        update = {"input_audio_transcription": {"prompt": "after"}}
+        await sock.send({"type": "session.update", "session": update})
+        await sock.send({"type": "input_audio_buffer.commit"})
+        await sock.wait(COMPLETED, timeout=10)
+        await sock.wait("error", timeout=10)  # the second commit: nothing after the first
+        assert engine.prompts == [None]
+        assert sock.of_type("error")[0]["error"]["code"] == "input_audio_buffer_commit_empty"
+        await sock.close()
 
 
 # -- bad input --------------------------------------------------------------------------------
@@ -361,50 +351,46 @@ async def test_protocol_mistakes_get_an_error_and_the_session_goes_on(
         await sock.close()
 
 
-async def test_an_oversize_message_closes_with_1009() -> None:
+async def test_an_oversize_message_closes_with_1009(servers: Servers) -> None:
     config = make_config(SERVER__AUTH_TOKENS=TOKEN, LIMITS__WS_MAX_MESSAGE_BYTES="65536")
-    server = await start_server(config, engine=Echo())
-    try:
-        async with aiohttp.ClientSession() as http:
-            sock = await open_socket(http, server)
-            await sock.wait("session.created")
-            big = base64.b64encode(bytes(60_000)).decode()
-            await sock.send({"type": "input_audio_buffer.append", "audio": big})
-            await asyncio.wait_for(sock._reader, 5)
-            assert sock.ws.close_code == 1009
-        await wait_for(lambda: not server.state.sockets, 5)
-    finally:
-        await server.stop()
+    server = await servers.start(config, Echo())
+    async with aiohttp.ClientSession() as http:
+        sock = await open_socket(http, server)
+        await sock.wait("session.created")
+        big = base64.b64encode(bytes(60_000)).decode()
+        await sock.send({"type": "input_audio_buffer.append", "audio": big})
+        await asyncio.wait_for(sock._reader, 5)
+        assert sock.ws.close_code == 1009
+    await wait_for(lambda: not server.state.sockets, 5)
 
 
-async def test_a_flood_faster_than_real_time(beckett_audio: npt.NDArray[np.float32]) -> None:
+async def test_a_flood_faster_than_real_time(
+    servers: Servers, beckett_audio: npt.NDArray[np.float32]
+) -> None:
     """Ten seconds at once fit the input buffer and are transcribed; a minute at once does
     not: an ``error`` and a close, the server's memory bounded by the buffer."""
     engine = CountingEngine(Echo(0.02))
     config = make_config(
         VAD__KIND="energy", SERVER__AUTH_TOKENS=TOKEN, LIMITS__INPUT_BUFFER_BYTES="2000000"
     )
-    server = await start_server(config, engine=engine)
-    try:
-        async with aiohttp.ClientSession() as http:
-            sock = await open_socket(http, server)
-            pcm = encode(beckett_audio, "pcm16")
-            await sock.stream(pcm + bytes(48_000), 48_000, speed=1000)
-            await sock.wait(COMPLETED, 6, timeout=30)  # the energy VAD cuts beckett 6 or 7 ways
-            await wait_for(lambda: len(sock.of_type(COMPLETED)) == len(sock.of_type(COMMITTED)), 10)
-            assert not sock.of_type("error")  # all of it transcribed, nothing refused
-            await sock.close()
+    server = await servers.start(config, engine)
+    async with aiohttp.ClientSession() as http:
+        sock = await open_socket(http, server)
+        pcm = encode(beckett_audio, "pcm16")
+        await sock.stream(pcm + bytes(48_000), 48_000, speed=1000)
+        await sock.wait(COMPLETED, 6, timeout=30)  # the energy VAD cuts beckett 6 or 7 ways
+        await wait_for(lambda: len(sock.of_type(COMPLETED)) == len(sock.of_type(COMMITTED)), 10)
+        assert not sock.of_type("error")  # all of it transcribed, nothing refused
+        await sock.close()
 
-            sock = await open_socket(http, server)
-            for _ in range(6):
-                await sock.stream(pcm, 48_000, speed=10**6)
-            await asyncio.wait_for(sock._reader, 15)
-            errors = sock.of_type("error")
-            assert errors and errors[-1]["error"]["code"] == "input_buffer_full", sock.types()
-            assert sock.ws.close_code == 1008
-        await wait_for(lambda: not server.state.sockets, 5)
-    finally:
-        await server.stop()
+        sock = await open_socket(http, server)
+        for _ in range(6):
+            await sock.stream(pcm, 48_000, speed=10**6)
+        await asyncio.wait_for(sock._reader, 15)
+        errors = sock.of_type("error")
+        assert errors and errors[-1]["error"]["code"] == "input_buffer_full", sock.types()
+        assert sock.ws.close_code == 1008
+    await wait_for(lambda: not server.state.sockets, 5)
 
 
 async def test_a_client_that_vanishes_mid_utterance_is_flushed_and_released(
@@ -474,45 +460,39 @@ async def test_a_browser_token_subprotocol_is_accepted(echo_ws_server: RunningSe
         await sock.close()
 
 
-async def test_sessions_count_against_max_calls() -> None:
+async def test_sessions_count_against_max_calls(servers: Servers) -> None:
     """A burst of upgrades: exactly ``limits.max_calls`` get in, the rest 503."""
     config = make_config(VAD__KIND="energy", SERVER__AUTH_TOKENS=TOKEN, LIMITS__MAX_CALLS="3")
-    server = await start_server(config, engine=Echo())
-    try:
-        async with aiohttp.ClientSession() as http:
-            attempts = await asyncio.gather(
-                *(open_socket(http, server) for _ in range(8)), return_exceptions=True
-            )
-            opened = [a for a in attempts if isinstance(a, Socket)]
-            refused = [a for a in attempts if isinstance(a, aiohttp.WSServerHandshakeError)]
-            assert len(opened) == 3 and len(refused) == 5, attempts
-            assert all(r.status == 503 for r in refused)
-            assert len(server.state.sockets) == 3
-            for sock in opened:
-                await sock.close()
-        await wait_for(lambda: not server.state.sockets, 5)
-    finally:
-        await server.stop()
-
-
-async def test_sockets_and_webrtc_calls_share_max_calls() -> None:
-    config = make_config(VAD__KIND="energy", SERVER__AUTH_TOKENS=TOKEN, LIMITS__MAX_CALLS="2")
-    server = await start_server(config, engine=Echo())
-    try:
-        async with aiohttp.ClientSession() as http:
-            sock = await open_socket(http, server)
-            async with RealtimeClient(server.url, token=TOKEN) as client:
-                await client.connect(ArrayAudioTrack(np.zeros(16000 * 5, np.float32)))
-                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-                    await open_socket(http, server)
-                assert refused.value.status == 503
-                assert server.state.live_sessions == 2
-                async with http.get(f"{server.url}/healthz") as resp:
-                    assert (await resp.json())["calls"] == 2
+    server = await servers.start(config, Echo())
+    async with aiohttp.ClientSession() as http:
+        attempts = await asyncio.gather(
+            *(open_socket(http, server) for _ in range(8)), return_exceptions=True
+        )
+        opened = [a for a in attempts if isinstance(a, Socket)]
+        refused = [a for a in attempts if isinstance(a, aiohttp.WSServerHandshakeError)]
+        assert len(opened) == 3 and len(refused) == 5, attempts
+        assert all(r.status == 503 for r in refused)
+        assert len(server.state.sockets) == 3
+        for sock in opened:
             await sock.close()
-        await wait_for(lambda: server.state.live_sessions == 0, 10)
-    finally:
-        await server.stop()
+    await wait_for(lambda: not server.state.sockets, 5)
+
+
+async def test_sockets_and_webrtc_calls_share_max_calls(servers: Servers) -> None:
+    config = make_config(VAD__KIND="energy", SERVER__AUTH_TOKENS=TOKEN, LIMITS__MAX_CALLS="2")
+    server = await servers.start(config, Echo())
+    async with aiohttp.ClientSession() as http:
+        sock = await open_socket(http, server)
+        async with RealtimeClient(server.url, token=TOKEN) as client:
+            await client.connect(ArrayAudioTrack(np.zeros(16000 * 5, np.float32)))
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await open_socket(http, server)
+            assert refused.value.status == 503
+            assert server.state.live_sessions == 2
+            async with http.get(f"{server.url}/healthz") as resp:
+                assert (await resp.json())["calls"] == 2
+        await sock.close()
+    await wait_for(lambda: server.state.live_sessions == 0, 10)
 
 
 async def test_metrics_count_socket_sessions(echo_ws_server: RunningServer) -> None:
@@ -555,32 +535,28 @@ async def test_clear_drops_the_open_utterance(
         await sock.close()
 
 
-async def test_a_silent_socket_times_out_and_is_released() -> None:
+async def test_a_silent_socket_times_out_and_is_released(servers: Servers) -> None:
     config = make_config(VAD__KIND="energy", SERVER__AUTH_TOKENS=TOKEN, AUDIO__IDLE_TIMEOUT_S="1")
-    server = await start_server(config, engine=Echo())
-    try:
-        async with aiohttp.ClientSession() as http:
-            sock = await open_socket(http, server)
-            [socket] = server.state.sockets.values()
-            await asyncio.wait_for(sock._reader, 5)  # the server closes it
-            assert sock.ws.close_code == 1000
-        await wait_for(lambda: not server.state.sockets, 5)
-        assert socket.end_reason == "idle_timeout"
-    finally:
-        await server.stop()
+    server = await servers.start(config, Echo())
+    async with aiohttp.ClientSession() as http:
+        sock = await open_socket(http, server)
+        [socket] = server.state.sockets.values()
+        await asyncio.wait_for(sock._reader, 5)  # the server closes it
+        assert sock.ws.close_code == 1000
+    await wait_for(lambda: not server.state.sockets, 5)
+    assert socket.end_reason == "idle_timeout"
 
 
-async def test_max_call_s_ends_the_session(beckett_audio: npt.NDArray[np.float32]) -> None:
+async def test_max_call_s_ends_the_session(
+    servers: Servers, beckett_audio: npt.NDArray[np.float32]
+) -> None:
     config = make_config(VAD__KIND="energy", SERVER__AUTH_TOKENS=TOKEN, LIMITS__MAX_CALL_S="2")
-    server = await start_server(config, engine=Echo())
-    try:
-        async with aiohttp.ClientSession() as http:
-            sock = await open_socket(http, server)
-            await sock.stream(encode(beckett_audio[: 16000 * 3], "pcm16"), 48_000)
-            await asyncio.wait_for(sock._reader, 10)
-            errors = sock.of_type("error")
-            assert errors and errors[-1]["error"]["code"] == "session_expired"
-            assert sock.of_type(COMPLETED)  # the open utterance was flushed first
-        await wait_for(lambda: not server.state.sockets, 5)
-    finally:
-        await server.stop()
+    server = await servers.start(config, Echo())
+    async with aiohttp.ClientSession() as http:
+        sock = await open_socket(http, server)
+        await sock.stream(encode(beckett_audio[: 16000 * 3], "pcm16"), 48_000)
+        await asyncio.wait_for(sock._reader, 10)
+        errors = sock.of_type("error")
+        assert errors and errors[-1]["error"]["code"] == "session_expired"
+        assert sock.of_type(COMPLETED)  # the open utterance was flushed first
+    await wait_for(lambda: not server.state.sockets, 5)

@@ -8,8 +8,9 @@ import wave
 import numpy as np
 import pytest
 
+from agent.audio_formats import pcm16_wav
 from agent.engines.backend_pool import BackendPool
-from agent.engines.remote import BACKOFF_MAX_S, backoff_s, encode_wav
+from agent.engines.remote import BACKOFF_MAX_S, backoff_s
 
 
 def test_least_in_flight_wins() -> None:
@@ -61,6 +62,24 @@ def test_every_backend_out_means_no_choice() -> None:
     assert pool.all_open and pool.choose() is None
 
 
+def test_requests_go_to_free_slots_and_a_node_lowers_its_own() -> None:
+    pool = BackendPool(["http://a/v1", "http://b/v1"], max_per_backend=4)
+    a, b = pool.backends
+    assert pool.capacity == 8  # nothing said yet: the configured bound per server
+    pool.advertised(a, 1)
+    pool.advertised(b, 100)  # a node cannot raise the configured bound
+    assert (a.slots, b.slots, pool.capacity) == (1, 4, 5)
+    a.in_flight = 1
+    b.in_flight = 3
+    assert pool.choose() is b  # a is full although b has more in flight
+    b.in_flight = 4
+    assert pool.choose() is a  # every slot taken: the least busy one queues it
+    pool.take_out(b)
+    assert pool.capacity == 1  # only what is in service
+    pool.take_out(a)
+    assert pool.capacity == 5  # none in service: everything starts, and fails at once
+
+
 def test_a_pool_needs_a_backend() -> None:
     with pytest.raises(ValueError):
         BackendPool([])
@@ -68,7 +87,7 @@ def test_a_pool_needs_a_backend() -> None:
 
 def test_wav_body_is_16khz_mono_16bit_and_clipped() -> None:
     samples = np.array([0.0, 0.5, -0.5, 1.0, -1.0, 3.0, -3.0], np.float32)
-    with wave.open(io.BytesIO(encode_wav(samples))) as wav:
+    with wave.open(io.BytesIO(pcm16_wav(samples))) as wav:
         assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (16000, 1, 2)
         pcm = np.frombuffer(wav.readframes(wav.getnframes()), "<i2")
     assert pcm.tolist() == [0, 16383, -16383, 32767, -32767, 32767, -32767]

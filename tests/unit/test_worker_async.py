@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from agent.config import EngineConfig
-from agent.engines.base import AsyncEngine, EngineRequest, EngineResult
-from agent.engines.worker import EngineWorker, Priority
+from agent.engines.base import AsyncEngine, EngineRequest, EngineResult, Priority
+from agent.engines.worker import EngineWorker
 from agent.errors import EngineError
 
 
@@ -28,6 +28,7 @@ class Held(AsyncEngine):
     def __init__(self, concurrency: int) -> None:
         self.max_concurrency = concurrency
         self.started: list[int] = []
+        self.priorities: list[Priority] = []
         self.cancelled: list[int] = []
         self.running = 0
         self.peak = 0
@@ -50,9 +51,10 @@ class Held(AsyncEngine):
         for tag in tags:
             self.gates.setdefault(tag, asyncio.Event()).set()
 
-    async def transcribe_one(self, request: EngineRequest) -> EngineResult:
+    async def transcribe_one(self, request: EngineRequest, priority: Priority) -> EngineResult:
         tag = int(request.audio[0])
         self.started.append(tag)
+        self.priorities.append(priority)
         self.running += 1
         self.peak = max(self.peak, self.running)
         try:
@@ -199,3 +201,40 @@ async def test_close_stops_requests_in_flight_and_fails_the_queue() -> None:
     assert err.value.code == "shutdown"
     with pytest.raises(EngineError):
         await worker.transcribe(EngineRequest(audio(3)))
+
+
+class Sized(Held):
+    """``slots`` set by the test, as the remote engine's follows what its servers say."""
+
+    def __init__(self, concurrency: int, slots: int) -> None:
+        super().__init__(concurrency)
+        self.now = slots
+
+    @property
+    def slots(self) -> int:
+        return self.now
+
+
+async def test_the_engine_slots_bound_what_runs_and_each_request_has_its_priority() -> None:
+    engine = Sized(concurrency=16, slots=2)
+    worker = await start(engine)
+    try:
+        interims = [
+            asyncio.create_task(worker.transcribe(EngineRequest(audio(t)), Priority.INTERIM))
+            for t in (1, 2)
+        ]
+        await settle()
+        final = asyncio.create_task(worker.transcribe(EngineRequest(audio(10))))
+        await settle()
+        # 2 slots, one kept for finals: one interim and the final run, not 16 requests.
+        assert engine.started == [1, 10] and engine.peak == 2
+        assert engine.priorities == [Priority.INTERIM, Priority.FINAL]
+        engine.now = 3  # the server said it runs more: read at the next finished request
+        engine.release(10)
+        assert (await final).text == "t10"
+        await settle()
+        assert sorted(engine.started) == [1, 2, 10]
+        engine.release(1, 2)
+        assert [(await t).text for t in interims] == ["t1", "t2"]
+    finally:
+        await worker.close()
