@@ -298,7 +298,7 @@ class VoxtralRealtimeEngine(StreamingEngine):
         done: Future[None] = Future()
         with self._cond:
             if self._stop:
-                raise EngineError("the engine is closed", "engine_closed")
+                raise EngineError("the engine is closed")
             self._calls.append((call, done))
             self._cond.notify_all()
         done.result()
@@ -323,7 +323,7 @@ class VoxtralRealtimeEngine(StreamingEngine):
                     self._cond.wait()
                 if self._stop:
                     for _, waiting in self._calls:
-                        waiting.set_exception(EngineError("the engine is closed", "engine_closed"))
+                        waiting.set_exception(EngineError("the engine is closed"))
                     return
                 if self._calls:
                     call: tuple[Callable[[], None], Future[None]] | None = self._calls.popleft()
