@@ -82,6 +82,9 @@ class RealtimeOptions:
     decoder_context: int = 0
     #: Refuse new streams once the recent steps took more than this share of a frame.
     admit_step_fraction: float = 0.75
+    #: Row counts ``engine.compile`` compiles the step for (``engine.max_streams`` is always
+    #: one); empty: the powers of two up to it. Fewer buckets compile sooner and pad more.
+    batch_buckets: tuple[int, ...] = ()
 
 
 class _Stream(EngineStream):
@@ -152,6 +155,7 @@ class VoxtralRealtimeEngine(StreamingEngine):
             config.max_streams,
             self._options.decoder_context,
             compile=config.compile,
+            buckets=self._options.batch_buckets,
         )
         self._step = self._batch.step
         self._bos = int(self._tokenizer.bos_token_id)

@@ -29,7 +29,7 @@ each bucket is one static graph (inductor's C++ on a CPU, CUDA graphs on CUDA), 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,11 +111,15 @@ class BatchedRealtime:
         slots: int,
         decoder_context: int = 0,
         compile: bool = False,
+        buckets: Sequence[int] = (),
     ) -> None:
         self.model = model
         self.slots = slots
-        #: Row counts a compiled step runs at: powers of two up to ``slots``, and ``slots``.
-        self.buckets = batch_buckets(slots)
+        if any(not 1 <= b <= slots for b in buckets):
+            raise ValueError(f"batch buckets {tuple(buckets)} must be in 1..{slots}")
+        #: Row counts a compiled step runs at: ``buckets`` and ``slots``, by default the
+        #: powers of two up to ``slots``.
+        self.buckets = tuple(sorted({*buckets, slots})) if buckets else batch_buckets(slots)
         self.compiled = compile
         self.device: torch.device = model.device
         self.dtype: torch.dtype = model.dtype

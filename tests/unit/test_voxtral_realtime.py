@@ -27,7 +27,7 @@ pytest.importorskip("mistral_common")
 from agent.config import EngineConfig  # noqa: E402
 from agent.engines import create_engine  # noqa: E402
 from agent.engines.base import EngineRequest, StreamText  # noqa: E402
-from agent.engines.voxtral_realtime import VoxtralRealtimeEngine  # noqa: E402
+from agent.engines.voxtral_realtime import RealtimeOptions, VoxtralRealtimeEngine  # noqa: E402
 from agent.engines.voxtral_realtime_fixture import (  # noqa: E402
     build_processor,
     build_tiny_voxtral_realtime,
@@ -395,10 +395,11 @@ def settle(engine: VoxtralRealtimeEngine, live: list[tuple[Any, Collector]]) -> 
 def test_compiled_buckets_equal_eager_with_streams_across_buckets_and_never_recompile(
     engine: VoxtralRealtimeEngine, tiny_path: Path
 ) -> None:
-    """``engine.compile``: one inductor graph per bucket (1, 2, 4 for 4 slots), all built by
-    ``warmup()``. Then streams join and leave so that steps run at every bucket, with idle
-    and padding rows (free slots, and a live stream that has no frame this step): each
-    stream's tokens equal the eager engine's for that stream alone, and nothing compiles.
+    """``engine.compile``: one inductor graph per bucket (2 and 4 rows for 4 slots: two
+    buckets keep the compile time down), all built by ``warmup()``. Then streams join and
+    leave so that steps run at both buckets, with idle and padding rows (free slots, and a
+    live stream that has no frame this step): each stream's tokens equal the eager engine's
+    for that stream alone, and nothing compiles.
 
     Pushes happen under the engine's lock, a tick at a time, and the test waits for the
     engine to settle after each: which streams step together is fixed, whatever the speed.
@@ -408,12 +409,12 @@ def test_compiled_buckets_equal_eager_with_streams_across_buckets_and_never_reco
     config = EngineConfig(
         kind="voxtral_realtime", model=str(tiny_path), device="cpu", max_streams=4, compile=True
     )
-    compiled = VoxtralRealtimeEngine(config)
+    compiled = VoxtralRealtimeEngine(config, RealtimeOptions(batch_buckets=(2,)))
     try:
-        assert compiled._batch.buckets == (1, 2, 4)
+        assert compiled._batch.buckets == (2, 4)
         graphs = counters["stats"]["unique_graphs"]
         compiled.warmup()
-        assert counters["stats"]["unique_graphs"] - graphs == 3  # one whole graph per bucket
+        assert counters["stats"]["unique_graphs"] - graphs == 2  # one whole graph per bucket
         graphs = counters["stats"]["unique_graphs"]
         shapes_before = compiled.step_shapes.copy()
 
@@ -454,7 +455,7 @@ def test_compiled_buckets_equal_eager_with_streams_across_buckets_and_never_reco
         assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled after warm-up
         shapes = compiled.step_shapes - shapes_before
         # (streams stepping, rows): every bucket, with padding and with idle live rows.
-        assert {(1, 1), (2, 2), (3, 4), (4, 4)} <= set(shapes), shapes
+        assert {(1, 2), (2, 2), (3, 4), (4, 4)} <= set(shapes), shapes
         slots = {name: stream.slot for name, (stream, _) in streams.items()}
         assert slots == {"a": 0, "b": 1, "c": 2, "d": 3, "e": 0}
         for name, (stream, sink) in streams.items():
@@ -467,3 +468,18 @@ def test_compiled_buckets_equal_eager_with_streams_across_buckets_and_never_reco
                 assert len(tokens) > 10 and tokens == alone[: len(tokens)], name
     finally:
         compiled.close()
+
+
+def test_batch_buckets_always_hold_every_slot(engine: VoxtralRealtimeEngine) -> None:
+    from agent.engines.voxtral_realtime_step import BatchedRealtime
+
+    extractor = engine._processor.feature_extractor
+    default = BatchedRealtime(engine._model, extractor, 6)
+    assert default.buckets == (1, 2, 4, 6)
+    assert [default.bucket(n) for n in range(1, 7)] == [1, 2, 4, 4, 6, 6]
+    chosen = BatchedRealtime(engine._model, extractor, 8, buckets=(4, 1))
+    assert chosen.buckets == (1, 4, 8)  # the slot count is always a bucket
+    assert [chosen.bucket(n) for n in (1, 2, 5, 8)] == [1, 4, 8, 8]
+    for bad in ((0,), (9,)):
+        with pytest.raises(ValueError, match="batch buckets"):
+            BatchedRealtime(engine._model, extractor, 8, buckets=bad)
