@@ -308,6 +308,10 @@ class EngineConfig:
     #: t + delay is heard; sessions may set their own), and the most streams open at once.
     delay_ms: int = 480
     max_streams: int = 64
+    #: ``kind: voxtral_realtime`` only: compile the step once per batch-size bucket (powers
+    #: of two up to ``max_streams``) at start-up. CPU: inductor, tested; CUDA: CUDA graphs,
+    #: not yet run on a GPU. (``kind: voxtral`` compiles its decode step on CUDA by itself.)
+    compile: bool = False
     #: ``kind: remote`` only: where utterances are sent.
     remote: RemoteEngineConfig = field(default_factory=RemoteEngineConfig)
 

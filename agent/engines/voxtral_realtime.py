@@ -13,9 +13,12 @@ refused (``too_many_calls``) at ``engine.max_streams``, and once the recent step
 than ``admit_step_fraction`` of a frame, so the open ones keep up rather than all falling
 behind together.
 
-fp32 on a CPU (tests), bf16 on CUDA. ``RealtimeOptions.compile`` wraps the step in
-``torch.compile`` on CUDA only; it is not verified (no GPU where this was written) and off by
-default. Language: the model detects it; ``language`` is accepted and not used.
+fp32 on a CPU (tests), bf16 on CUDA. ``engine.compile`` (off by default) compiles the step
+once per batch-size bucket (powers of two up to ``engine.max_streams``, and it), every bucket
+in ``warmup()`` on the engine thread, so serving never compiles: a step over 3 slots runs in
+the bucket of 4 with an idle row. On a CPU that is inductor's C++ (tested); on CUDA it is
+CUDA graphs (``reduce-overhead``), written but not yet run on a GPU. Language: the model
+detects it; ``language`` is accepted and not used.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +53,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extra
         f"engine.kind voxtral_realtime needs PyTorch ({exc}): pip install 'voxtral-rtc[voxtral]'"
     ) from exc
 
-from agent.engines.voxtral_load import pick_device
+from agent.engines.voxtral_load import cudagraph_thread_state, pick_device
 from agent.engines.voxtral_realtime_load import load_realtime_model
 from agent.engines.voxtral_realtime_step import BatchedRealtime
 from agent.engines.voxtral_realtime_streams import (
@@ -78,8 +82,9 @@ class RealtimeOptions:
     decoder_context: int = 0
     #: Refuse new streams once the recent steps took more than this share of a frame.
     admit_step_fraction: float = 0.75
-    #: ``torch.compile`` the step on CUDA (unverified; see the module docstring).
-    compile: bool = False
+    #: Row counts ``engine.compile`` compiles the step for (``engine.max_streams`` is always
+    #: one); empty: the powers of two up to it. Fewer buckets compile sooner and pad more.
+    batch_buckets: tuple[int, ...] = ()
 
 
 class _Stream(EngineStream):
@@ -145,23 +150,30 @@ class VoxtralRealtimeEngine(StreamingEngine):
         self._processor = processor
         self._tokenizer = processor.tokenizer
         self._batch = BatchedRealtime(
-            model, processor.feature_extractor, config.max_streams, self._options.decoder_context
+            model,
+            processor.feature_extractor,
+            config.max_streams,
+            self._options.decoder_context,
+            compile=config.compile,
+            buckets=self._options.batch_buckets,
         )
         self._step = self._batch.step
-        if self._options.compile and self._batch.device.type == "cuda":
-            self._step = torch.compile(self._batch.step, dynamic=True)
         self._bos = int(self._tokenizer.bos_token_id)
         self._pad = int(self._tokenizer.convert_tokens_to_ids("[STREAMING_PAD]"))
         self._cond = threading.Condition()
         self._streams: dict[int, _Stream] = {}
         self._free = list(range(config.max_streams))
         self._stop = False
+        #: Calls to run on the engine thread between steps (warm-up), with their futures.
+        self._calls: deque[tuple[Callable[[], None], Future[None]]] = deque()
         #: Recent step time (exponential average) of steps with live streams, in seconds.
         self.step_s = 0.0
         self.steps = 0
         self.last_step_rows = 0
-        #: How many steps stepped how many streams at once (tests, benchmarks).
+        #: How many steps stepped how many streams at once (tests, benchmarks), and how many
+        #: of them stepped (streams, rows): rows is the bucket when compiled.
         self.step_sizes: Counter[int] = Counter()
+        self.step_shapes: Counter[tuple[int, int]] = Counter()
         self._thread = threading.Thread(target=self._run, name="voxtral-realtime", daemon=True)
         self._thread.start()
 
@@ -261,9 +273,39 @@ class VoxtralRealtimeEngine(StreamingEngine):
             return self._open_locked(on_update, self.default_delay_ms)
 
     def warmup(self) -> None:
+        """Compile every bucket's step (when compiled), then two utterances end to end."""
+        if self._batch.compiled:
+            started = time.perf_counter()
+            self._on_engine_thread(self._warm_buckets)
+            log.info(
+                "Voxtral Realtime step compiled for %s rows in %.1f s",
+                self._batch.buckets,
+                time.perf_counter() - started,
+            )
         rng = np.random.default_rng(0)
         noise = (rng.standard_normal(SAMPLE_RATE) * 0.01).astype(np.float32)
         self.transcribe([EngineRequest(noise), EngineRequest(noise[: SAMPLE_RATE // 2])])
+
+    def _warm_buckets(self) -> None:
+        for bucket in self._batch.buckets:
+            try:
+                self._batch.warm(bucket)
+            except Exception as exc:
+                raise EngineLoadError(
+                    f"Voxtral Realtime warm-up failed at {bucket} rows: {exc}; lower "
+                    "engine.max_streams if the GPU is out of memory, or set engine.compile: false"
+                ) from exc
+
+    def _on_engine_thread(self, call: Callable[[], None]) -> None:
+        # CUDA graphs belong to the thread that recorded them (cudagraph trees are
+        # thread-local): the warm-up must run where the steps will.
+        done: Future[None] = Future()
+        with self._cond:
+            if self._stop:
+                raise EngineError("the engine is closed")
+            self._calls.append((call, done))
+            self._cond.notify_all()
+        done.result()
 
     def close(self) -> None:
         with self._cond:
@@ -274,44 +316,75 @@ class VoxtralRealtimeEngine(StreamingEngine):
     # -- the engine thread ---------------------------------------------------------------
 
     def _run(self) -> None:
+        if self._batch.compiled and self._batch.device.type == "cuda":
+            try:
+                cudagraph_thread_state()
+            except Exception:  # the warm-up then fails and says why; this thread must live
+                log.exception("could not set up CUDA-graph state on the engine's thread")
         while True:
             with self._cond:
-                while not self._stop and not self._work_locked():
+                while not self._stop and not self._calls and not self._work_locked():
                     self._cond.wait()
                 if self._stop:
+                    for _, waiting in self._calls:
+                        waiting.set_exception(EngineError("the engine is closed"))
                     return
-                starting = [s for s in self._streams.values() if s.audio.tokens == 0]
-                starting = [s for s in starting if s.audio.ready()]
-                stepping = [s for s in self._streams.values() if s.audio.tokens > 0]
-                stepping = [s for s in stepping if s.audio.ready()]
-                firsts = [s.audio.take_first() for s in starting]
-                chunks = [s.audio.take_next() for s in stepping]
-                finished = [
-                    s
-                    for s in self._streams.values()
-                    if s.audio.finished and not s.done_sent and s not in stepping
-                ]
-            try:
-                updates = self._prefill(starting, firsts) + self._step_all(stepping, chunks)
-            except Exception:
-                # Not retried: the rows' rings may be half written. Each stream gets a last
-                # update saying so (its session fails its open items), then its slot is freed.
-                log.exception("Voxtral Realtime step failed: its streams are closed")
-                for stream in [*starting, *stepping]:
-                    end = stream.audio.tokens * FRAME_MS
-                    if not stream.closed:
-                        stream.on_update(StreamText("", end, end, done=True, error="engine_error"))
-                    stream.done_sent = True
-                    self._release(stream)
+                if self._calls:
+                    call: tuple[Callable[[], None], Future[None]] | None = self._calls.popleft()
+                else:
+                    call = None
+                    starting = [s for s in self._streams.values() if s.audio.tokens == 0]
+                    starting = [s for s in starting if s.audio.ready()]
+                    stepping = [s for s in self._streams.values() if s.audio.tokens > 0]
+                    stepping = [s for s in stepping if s.audio.ready()]
+                    firsts = [s.audio.take_first() for s in starting]
+                    chunks = [s.audio.take_next() for s in stepping]
+                    finished = [
+                        s
+                        for s in self._streams.values()
+                        if s.audio.finished and not s.done_sent and s not in stepping
+                    ]
+            if call is not None:
+                function, done = call
+                try:
+                    function()
+                except Exception as exc:  # the caller waiting on it raises it
+                    done.set_exception(exc)
+                else:
+                    done.set_result(None)
                 continue
-            for stream, update in updates:
+            self._round(starting, firsts, stepping, chunks, finished)
+
+    def _round(
+        self,
+        starting: list[_Stream],
+        firsts: list[Samples],
+        stepping: list[_Stream],
+        chunks: list[Samples],
+        finished: list[_Stream],
+    ) -> None:
+        """Prefill the streams that start, step the others, send their tokens."""
+        try:
+            updates = self._prefill(starting, firsts) + self._step_all(stepping, chunks)
+        except Exception:
+            # Not retried: the rows' rings may be half written. Each stream gets a last
+            # update saying so (its session fails its open items), then its slot is freed.
+            log.exception("Voxtral Realtime step failed: its streams are closed")
+            for stream in [*starting, *stepping]:
+                end = stream.audio.tokens * FRAME_MS
                 if not stream.closed:
-                    stream.on_update(update)
-            for stream in finished:
+                    stream.on_update(StreamText("", end, end, done=True, error="engine_error"))
+                stream.done_sent = True
+                self._release(stream)
+            return
+        for stream, update in updates:
+            if not stream.closed:
+                stream.on_update(update)
+        for stream in finished:
+            self._finish(stream)
+        for stream in stepping:
+            if stream.audio.finished:
                 self._finish(stream)
-            for stream in stepping:
-                if stream.audio.finished:
-                    self._finish(stream)
 
     def _work_locked(self) -> bool:
         return any(
@@ -378,8 +451,9 @@ class VoxtralRealtimeEngine(StreamingEngine):
         if any(not s.audio.flushed for s in streams):  # live streams: real time matters
             self.step_s = elapsed if self.steps == 0 else 0.8 * self.step_s + 0.2 * elapsed
         self.steps += 1
-        self.last_step_rows = rows
+        self.last_step_rows = self._batch.bucket(rows) if self._batch.compiled else rows
         self.step_sizes[len(streams)] += 1
+        self.step_shapes[len(streams), self.last_step_rows] += 1
         return updates
 
     def _update(self, stream: _Stream, token: int, index: int) -> StreamText:

@@ -17,18 +17,28 @@ one 80 ms frame for every active row at once: log-mel of the chunk, conv stem wi
 state, 4 encoder positions, projector, one decoder position, argmax. The layers' own weights
 and submodules (projections, norms, MLPs, rotary tables) do the math, so it is the model's
 arithmetic; what differs from transformers is only where keys and values live. Rows of the
-slot range that are not stepping ride along (their results are discarded and nothing of
-theirs is written): the slot range is a view, never a copy of the caches.
+slot range that are not stepping ride along (their results are discarded, and their caches
+get their own values back): the slot range is a view, never a copy of the caches.
+
+Compiled (``compile=True``), a step runs at a fixed number of rows, the bucket: the slot
+range is padded with idle rows up to the next power of two (or ``slots``), every row
+attends over its whole rings, and nothing in the step reads a value back to the host, so
+each bucket is one static graph (inductor's C++ on a CPU, CUDA graphs on CUDA), built by
+``warm`` before serving.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from agent.engines.voxtral_features import batch_buckets
+from agent.engines.voxtral_realtime_streams import CHUNK_SAMPLES
 
 N_MELS = 128
 HOP = 160
@@ -37,6 +47,8 @@ N_FFT = 400
 LOG_MEL_FLOOR = 8.0
 #: 2400 ms: the longest delay a stream may ask for.
 MAX_DELAY_TOKENS = 30
+
+_Forward = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, int], Tensor]
 
 
 class LogMel:
@@ -92,9 +104,23 @@ class _Ring:
 class BatchedRealtime:
     """Voxtral Realtime's forward for many streams; not thread-safe (one engine thread)."""
 
-    def __init__(self, model: Any, extractor: Any, slots: int, decoder_context: int = 0) -> None:
+    def __init__(
+        self,
+        model: Any,
+        extractor: Any,
+        slots: int,
+        decoder_context: int = 0,
+        compile: bool = False,
+        buckets: Sequence[int] = (),
+    ) -> None:
         self.model = model
         self.slots = slots
+        if any(not 1 <= b <= slots for b in buckets):
+            raise ValueError(f"batch buckets {tuple(buckets)} must be in 1..{slots}")
+        #: Row counts a compiled step runs at: ``buckets`` and ``slots``, by default the
+        #: powers of two up to ``slots``.
+        self.buckets = tuple(sorted({*buckets, slots})) if buckets else batch_buckets(slots)
+        self.compiled = compile
         self.device: torch.device = model.device
         self.dtype: torch.dtype = model.dtype
         inner = model.model
@@ -143,6 +169,28 @@ class BatchedRealtime:
         #: Rows of the time conditioning by delay in tokens (0 … 30), looked up per step.
         with torch.inference_mode():
             self.t_cond_table = torch.stack([self.t_cond(d) for d in range(MAX_DELAY_TOKENS + 1)])
+        self._forward: _Forward = self._step_forward
+        if compile:
+            self._forward = self._compile(self._step_forward)
+
+    def _compile(self, forward: _Forward) -> _Forward:
+        """One static-shape graph per bucket, whole (``fullgraph``: a graph break would run
+        part of every step eager, unnoticed); CUDA graphs on CUDA (``reduce-overhead``)."""
+        # Past dynamo's recompile limit (8 by default) the step would silently run eager.
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * len(self.buckets) + 4)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            # The caches are mutated in place by every replay: CUDA graphs need them at fixed
+            # addresses (else each replay would copy them in and out, or graphs be skipped).
+            state = [self.conv1_state, self.conv2_state, self.t_cond_table]
+            for ring in (self.enc, self.dec):
+                state += [*ring.keys, *ring.values, ring.pos]
+            for tensor in state:
+                torch._dynamo.mark_static_address(tensor)
+        mode = "reduce-overhead" if cuda else "default"
+        compiled: _Forward = torch.compile(forward, mode=mode, dynamic=False, fullgraph=True)
+        return compiled
 
     # -- slots -----------------------------------------------------------------------
 
@@ -196,47 +244,106 @@ class BatchedRealtime:
         ``tokens`` (n,): the last token; ``enc_pos``/``dec_pos`` (n,): the next positions;
         ``delays`` (n,): delays in tokens. Returns the next token of every row (garbage where
         inactive), on the device.
+
+        Compiled, the rows are padded to the next bucket with inactive rows (slots ``n`` and
+        up, whose caches nothing writes) and every row attends over its whole rings, so each
+        bucket has one shape and one graph.
         """
         n = active.shape[0]
-        # Worth attending to: while no row has wrapped its ring, only the filled start of it
-        # (computed on the host: no device sync).
-        enc_span = min(self.enc.size, int(enc_pos.max()) + self.downsample)
-        dec_span = min(self.dec.size, int(dec_pos.max()) + 1)
-        # Row ids rather than a boolean mask: indexing by a mask syncs with the device.
-        on = active.nonzero().squeeze(1).to(self.device)
-        index = torch.arange(n, device=self.device)
-        mel = self.logmel(chunks.to(self.device), center=False)
+        rows = self.bucket(n) if self.compiled else n
+        if rows > n:
+            active, chunks, tokens, enc_pos, dec_pos, delays = (
+                torch.cat([t, t.new_zeros((rows - n, *t.shape[1:]))])
+                for t in (active, chunks, tokens, enc_pos, dec_pos, delays)
+            )
+        if self.compiled:
+            spans = (self.enc.size, self.dec.size)
+        else:
+            # Worth attending to: while no row has wrapped its ring, only the filled start
+            # of it (computed on the host: no device sync).
+            spans = (
+                min(self.enc.size, int(enc_pos.max()) + self.downsample),
+                min(self.dec.size, int(dec_pos.max()) + 1),
+            )
+        # Copies when compiled: inputs that share memory (one zeros tensor passed twice) are
+        # a guard of the graph, and a different aliasing would compile another.
+        on, audio, last, enc, dec, delay = (
+            t.to(self.device, copy=self.compiled)
+            for t in (active, chunks, tokens, enc_pos, dec_pos, delays)
+        )
+        if self.compiled and self.device.type == "cuda":
+            # The previous step's output buffer may be reused by this replay: it was read.
+            torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
+        out = self._forward(on, audio, last, enc, dec, delay, *spans)
+        return out[:n].clone() if self.compiled else out
+
+    def warm(self, bucket: int, times: int = 3) -> None:
+        """Compile (and on CUDA record the graph of) ``bucket``'s step: all rows inactive,
+        so no cache is touched. CUDA graphs are recorded at a graph's second or third call."""
+        zeros = torch.zeros(bucket, dtype=torch.long)
+        for _ in range(times):
+            idle = torch.zeros(bucket, dtype=torch.bool)
+            self.step(idle, torch.zeros(bucket, CHUNK_SAMPLES), zeros, zeros, zeros, zeros).tolist()
+
+    def bucket(self, rows: int) -> int:
+        """The smallest bucket holding ``rows`` rows."""
+        for size in self.buckets:
+            if size >= rows:
+                return size
+        raise ValueError(f"{rows} rows exceed the largest bucket {self.buckets[-1]}")
+
+    def _step_forward(
+        self,
+        active: Tensor,
+        chunks: Tensor,
+        tokens: Tensor,
+        enc_pos: Tensor,
+        dec_pos: Tensor,
+        delays: Tensor,
+        enc_span: int,
+        dec_span: int,
+    ) -> Tensor:
+        """The step on the device; static shapes and no host sync, so it compiles whole."""
+        mel = self.logmel(chunks, center=False)
         steps = torch.arange(self.downsample, device=self.device)
-        enc_positions = enc_pos.to(self.device)[:, None] + steps
-        audio_embeds = self._encode(index, mel, enc_positions, on, enc_span)
-        hidden = self.lm.embed_tokens(tokens.to(self.device)[:, None]) + audio_embeds
-        positions = dec_pos.to(self.device)[:, None]
-        t_cond = self.t_cond_table[delays.to(self.device)][:, None]
-        return self._decode(index, hidden, positions, t_cond, on, dec_span)
+        enc_positions = enc_pos[:, None] + steps
+        audio_embeds = self._encode(None, mel, enc_positions, active, enc_span)
+        hidden = self.lm.embed_tokens(tokens[:, None]) + audio_embeds
+        t_cond = self.t_cond_table[delays][:, None]
+        return self._decode(None, hidden, dec_pos[:, None], t_cond, active, dec_span)
 
     # -- stages -----------------------------------------------------------------------
+    #
+    # ``index`` (a prefill's slots) is ``None`` in a step, whose row i is slot i; ``active``
+    # (a step's rows that step, a boolean mask) is ``None`` in a prefill. A step writes its
+    # caches with ``where(active, new, old)`` over every row rather than through the active
+    # rows' ids: the same shapes whoever steps, and an idle row gets its own values back.
 
-    def _conv(self, index: Tensor, mel: Tensor, active: Tensor | None) -> Tensor:
+    def _conv(self, index: Tensor | None, mel: Tensor, active: Tensor | None) -> Tensor:
         embedder = self.encoder.embedder
-        x = torch.cat([self.conv1_state[index], mel], dim=-1)
+        rows = slice(0, mel.shape[0]) if index is None else index
+        state1, state2 = self.conv1_state[rows], self.conv2_state[rows]
+        x = torch.cat([state1, mel], dim=-1)
         h = F.gelu(F.conv1d(x, embedder.conv1.weight, embedder.conv1.bias))
-        x2 = torch.cat([self.conv2_state[index], h], dim=-1)
+        x2 = torch.cat([state2, h], dim=-1)
         out = F.gelu(F.conv1d(x2, embedder.conv2.weight, embedder.conv2.bias, stride=2))
-        keep = index if active is None else active  # in a step, row i is slot i
-        x, x2 = (x, x2) if active is None else (x[active], x2[active])
-        self.conv1_state[keep] = x[..., -self.conv1_state.shape[-1] :]
-        self.conv2_state[keep] = x2[..., -self.conv2_state.shape[-1] :]
+        new1, new2 = x[..., -state1.shape[-1] :], x2[..., -state2.shape[-1] :]
+        if active is not None:
+            new1 = torch.where(active[:, None, None], new1, state1)
+            new2 = torch.where(active[:, None, None], new2, state2)
+        self.conv1_state[rows] = new1
+        self.conv2_state[rows] = new2
         return out.permute(0, 2, 1)
 
     def _encode(
         self,
-        index: Tensor,
+        index: Tensor | None,
         mel: Tensor,
         positions: Tensor | None,
         active: Tensor | None,
         span: int,
     ) -> Tensor:
-        """Conv stem, encoder layers, projector; ``active`` is ``None`` for a prefill."""
+        """Conv stem, encoder layers, projector."""
         h = self._conv(index, mel.to(self.dtype), active)
         rows, length = h.shape[0], h.shape[1]
         if positions is None:
@@ -245,7 +352,7 @@ class BatchedRealtime:
         mask = self._write_positions(self.enc, index, positions, active, span)
         for i, layer in enumerate(self.encoder.layers):
             x = layer.self_attn_layer_norm(h)
-            h = h + self._attend(layer.self_attn, x, cos, sin, self.enc, i, index, positions, mask)
+            h = h + self._attend(layer.self_attn, x, cos, sin, self.enc, i, index, mask)
             h = h + layer.mlp(layer.final_layer_norm(h))
         h = self.encoder.norm(h)
         stacked = h.reshape(rows, -1, h.shape[-1] * self.downsample)
@@ -254,7 +361,7 @@ class BatchedRealtime:
 
     def _decode(
         self,
-        index: Tensor,
+        index: Tensor | None,
         hidden: Tensor,
         positions: Tensor,
         t_cond: Tensor,
@@ -266,7 +373,7 @@ class BatchedRealtime:
         h = hidden
         for i, layer in enumerate(self.lm.layers):
             x = layer.input_layernorm(h)
-            h = h + self._attend(layer.self_attn, x, cos, sin, self.dec, i, index, positions, mask)
+            h = h + self._attend(layer.self_attn, x, cos, sin, self.dec, i, index, mask)
             x = layer.post_attention_layernorm(h) * (1 + layer.ada_rms_norm(t_cond))
             h = h + layer.mlp(x)
         h = self.lm.norm(h[:, -1])
@@ -279,18 +386,18 @@ class BatchedRealtime:
     def _write_positions(
         self,
         ring: _Ring,
-        index: Tensor,
+        index: Tensor | None,
         positions: Tensor,
         active: Tensor | None,
         span: int,
     ) -> tuple[Tensor, Tensor | None, Tensor]:
-        """Record the positions written this forward; return (mask, rows to write, where).
+        """Record the positions written this forward; return (mask, active, where).
 
         Prefill attends over its own new keys (the rings are empty): only the last
         ``ring.size`` of them are kept. A step writes first, then attends over the ring.
         """
-        length = positions.shape[1]
-        if active is None:
+        rows, length = positions.shape
+        if index is not None:
             q = positions[:, :, None]
             k = positions[:, None, :]
             mask = (k <= q) & (k > q - ring.window)
@@ -298,11 +405,16 @@ class BatchedRealtime:
             where = keep % ring.size
             ring.pos[index[:, None], where] = keep
             return mask[:, None], None, where
+        assert active is not None
         where = positions % ring.size
-        ring.pos[active[:, None], where[active]] = positions[active]
-        kpos = ring.pos[index, :span][:, None, :]
+        row = torch.arange(rows, device=self.device)[:, None]
+        ring.pos[row, where] = torch.where(active[:, None], positions, ring.pos[row, where])
+        kpos = ring.pos[:rows, :span][:, None, :]
         q = positions[:, :, None]
         mask = (kpos >= 0) & (kpos <= q) & (kpos > q - ring.window)
+        # An idle row may have nothing to attend to; all-masked rows would give NaN (harmless
+        # to the others, but NaN is slow on some paths and confusing when debugging).
+        mask = mask | ~active[:, None, None]
         return mask[:, None], active, where
 
     def _attend(
@@ -313,8 +425,7 @@ class BatchedRealtime:
         sin: Tensor,
         ring: _Ring,
         layer: int,
-        index: Tensor,
-        positions: Tensor,
+        index: Tensor | None,
         written: tuple[Tensor, Tensor | None, Tensor],
     ) -> Tensor:
         from transformers.models.voxtral_realtime.modeling_voxtral_realtime import (
@@ -329,14 +440,17 @@ class BatchedRealtime:
         v = attn.v_proj(x).view(shape).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         keys, values = ring.keys[layer], ring.values[layer]
-        if active is None:  # prefill: attend over the new keys, keep the last ones
+        if index is not None:  # prefill: attend over the new keys, keep the last ones
             kept = where.shape[1]
             keys[index[:, None], :, where] = k[:, :, -kept:].transpose(1, 2)
             values[index[:, None], :, where] = v[:, :, -kept:].transpose(1, 2)
             k_all, v_all = k, v
         else:
-            keys[active[:, None], :, where[active]] = k[active].transpose(1, 2)
-            values[active[:, None], :, where[active]] = v[active].transpose(1, 2)
+            assert active is not None
+            row = torch.arange(rows, device=self.device)[:, None]
+            on = active[:, None, None, None]
+            keys[row, :, where] = torch.where(on, k.transpose(1, 2), keys[row, :, where])
+            values[row, :, where] = torch.where(on, v.transpose(1, 2), values[row, :, where])
             span = mask.shape[-1]
             k_all, v_all = keys[:rows, :, :span], values[:rows, :, :span]
         out = F.scaled_dot_product_attention(

@@ -1,6 +1,7 @@
 """The Voxtral Realtime engine on CUDA: bf16 loading, the batched step against transformers
 in fp32 on the GPU, and the compiled step. Tiny random model, built offline; skipped where
-PyTorch sees no CUDA device (not yet run: written where no GPU was lent)."""
+PyTorch sees no CUDA device (not yet run: written where no GPU was lent; the compiled step's
+CUDA graphs are unverified)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ pytest.importorskip("mistral_common")
 
 from agent.config import EngineConfig  # noqa: E402
 from agent.engines.base import StreamText  # noqa: E402
-from agent.engines.voxtral_realtime import RealtimeOptions, VoxtralRealtimeEngine  # noqa: E402
+from agent.engines.voxtral_realtime import VoxtralRealtimeEngine  # noqa: E402
 from agent.engines.voxtral_realtime_fixture import build_tiny_voxtral_realtime  # noqa: E402
 
 pytestmark = [
@@ -98,11 +99,22 @@ def test_fp32_on_cuda_equals_transformers_generate(tiny: Path) -> None:
 
 
 def test_compiled_step_agrees_with_eager(tiny: Path, bf16_engine: VoxtralRealtimeEngine) -> None:
-    config = EngineConfig(kind="voxtral_realtime", model=str(tiny), device="cuda", max_streams=8)
-    compiled = VoxtralRealtimeEngine(config, RealtimeOptions(compile=True))
+    """``engine.compile`` on CUDA: CUDA graphs per bucket (1 … 8), recorded by ``warmup()`` on
+    the engine thread; nothing compiles after it, and the tokens follow the eager engine's."""
+    from torch._dynamo.utils import counters
+
+    config = EngineConfig(
+        kind="voxtral_realtime", model=str(tiny), device="cuda", max_streams=8, compile=True
+    )
+    compiled = VoxtralRealtimeEngine(config)
     try:
+        compiled.warmup()
+        graphs = counters["stats"]["unique_graphs"]
         clips = [audio(3.0, i) for i in range(4)]
-        eager, fast = run(bf16_engine, clips), run(compiled, clips)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            eager, fast = run(bf16_engine, clips), run(compiled, clips)
+        assert counters["stats"]["unique_graphs"] == graphs
+        assert counters["inductor"]["cudagraph_skips"] == 0  # the graphs did run as graphs
         same = sum(
             a == b for e, f in zip(eager, fast, strict=True) for a, b in zip(e, f, strict=True)
         )

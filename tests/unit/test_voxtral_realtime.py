@@ -27,7 +27,7 @@ pytest.importorskip("mistral_common")
 from agent.config import EngineConfig  # noqa: E402
 from agent.engines import create_engine  # noqa: E402
 from agent.engines.base import EngineRequest, StreamText  # noqa: E402
-from agent.engines.voxtral_realtime import VoxtralRealtimeEngine  # noqa: E402
+from agent.engines.voxtral_realtime import RealtimeOptions, VoxtralRealtimeEngine  # noqa: E402
 from agent.engines.voxtral_realtime_fixture import (  # noqa: E402
     build_processor,
     build_tiny_voxtral_realtime,
@@ -372,3 +372,114 @@ def test_a_step_that_fails_ends_its_streams_with_an_error(tiny_path: Path) -> No
         assert broken.admits() and broken.open_streams == 0
     finally:
         broken.close()
+
+
+# -- compiled, one graph per batch-size bucket --------------------------------------------
+
+
+def settle(engine: VoxtralRealtimeEngine, live: list[tuple[Any, Collector]]) -> None:
+    """Wait until the engine has stepped every frame that is in and sent its token."""
+    deadline = time.monotonic() + 60
+    while True:
+        with engine._cond:
+            busy = engine._work_locked() or any(
+                len(sink.updates) < stream.audio.tokens for stream, sink in live
+            )
+        if not busy:
+            return
+        assert time.monotonic() < deadline, "the engine did not settle"
+        time.sleep(0.002)
+
+
+@pytest.mark.slow
+def test_compiled_buckets_equal_eager_with_streams_across_buckets_and_never_recompile(
+    engine: VoxtralRealtimeEngine, tiny_path: Path
+) -> None:
+    """``engine.compile``: one inductor graph per bucket (2 and 4 rows for 4 slots: two
+    buckets keep the compile time down), all built by ``warmup()``. Then streams join and
+    leave so that steps run at both buckets, with idle and padding rows (free slots, and a
+    live stream that has no frame this step): each stream's tokens equal the eager engine's
+    for that stream alone, and nothing compiles.
+
+    Pushes happen under the engine's lock, a tick at a time, and the test waits for the
+    engine to settle after each: which streams step together is fixed, whatever the speed.
+    """
+    from torch._dynamo.utils import counters
+
+    config = EngineConfig(
+        kind="voxtral_realtime", model=str(tiny_path), device="cpu", max_streams=4, compile=True
+    )
+    compiled = VoxtralRealtimeEngine(config, RealtimeOptions(batch_buckets=(2,)))
+    try:
+        assert compiled._batch.buckets == (2, 4)
+        graphs = counters["stats"]["unique_graphs"]
+        compiled.warmup()
+        assert counters["stats"]["unique_graphs"] - graphs == 2  # one whole graph per bucket
+        graphs = counters["stats"]["unique_graphs"]
+        shapes_before = compiled.step_shapes.copy()
+
+        frame = 1280
+        # name: (seed, opens at tick, ends at tick, flushed at the end?, pushes every n ticks)
+        plan = {
+            "a": (11, 0, 40, False, 1),  # slot 0, leaves unflushed
+            "b": (12, 5, 70, True, 1),  # slot 1
+            "c": (13, 12, 55, False, 1),  # slot 2: 3 rows run in the bucket of 4
+            "d": (14, 18, 62, False, 2),  # slot 3, a frame every other tick: an idle live row
+            "e": (15, 45, 80, True, 1),  # slot 0 again, after a left
+        }
+        audio = {name: speech_like(6.0, seed) for name, (seed, *_rest) in plan.items()}
+        pushed = dict.fromkeys(plan, 0)
+        streams: dict[str, tuple[Any, Collector]] = {}
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for tick in range(81):
+                with compiled._cond:  # every push of the tick lands before the next round
+                    for name, (_, opens, ends, _flush, every) in plan.items():
+                        if tick == opens:
+                            sink = Collector()
+                            streams[name] = (compiled.open_stream(sink), sink)
+                        if name not in streams or not opens <= tick < ends:
+                            continue
+                        if (tick - opens) % every == 0:
+                            stream = streams[name][0]
+                            stream.push(audio[name][pushed[name] : pushed[name] + frame])
+                            pushed[name] += frame
+                live = [pair for pair in streams.values() if not pair[0].closed]
+                settle(compiled, live)
+                for name, (_, _, ends, flush, _) in plan.items():
+                    if tick == ends - 1 and name in streams:
+                        stream, sink = streams[name]
+                        if flush:
+                            stream.flush()
+                            assert sink.done.wait(60)
+                        stream.close()
+        assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled after warm-up
+        shapes = compiled.step_shapes - shapes_before
+        # (streams stepping, rows): every bucket, with padding and with idle live rows.
+        assert {(1, 2), (2, 2), (3, 4), (4, 4)} <= set(shapes), shapes
+        slots = {name: stream.slot for name, (stream, _) in streams.items()}
+        assert slots == {"a": 0, "b": 1, "c": 2, "d": 3, "e": 0}
+        for name, (stream, sink) in streams.items():
+            tokens = list(stream.token_ids)
+            assert not any(u.error for u in sink.updates)
+            alone, _ = run_alone(engine, audio[name][: pushed[name]])
+            if plan[name][3]:
+                assert tokens == alone, name
+            else:  # left unflushed: the tokens it had
+                assert len(tokens) > 10 and tokens == alone[: len(tokens)], name
+    finally:
+        compiled.close()
+
+
+def test_batch_buckets_always_hold_every_slot(engine: VoxtralRealtimeEngine) -> None:
+    from agent.engines.voxtral_realtime_step import BatchedRealtime
+
+    extractor = engine._processor.feature_extractor
+    default = BatchedRealtime(engine._model, extractor, 6)
+    assert default.buckets == (1, 2, 4, 6)
+    assert [default.bucket(n) for n in range(1, 7)] == [1, 2, 4, 4, 6, 6]
+    chosen = BatchedRealtime(engine._model, extractor, 8, buckets=(4, 1))
+    assert chosen.buckets == (1, 4, 8)  # the slot count is always a bucket
+    assert [chosen.bucket(n) for n in (1, 2, 5, 8)] == [1, 4, 8, 8]
+    for bad in ((0,), (9,)):
+        with pytest.raises(ValueError, match="batch buckets"):
+            BatchedRealtime(engine._model, extractor, 8, buckets=bad)
