@@ -14,6 +14,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -66,15 +67,45 @@ def pick_device(setting: str) -> torch.device:
     return torch.device("cpu")
 
 
-def load_model(model_id: str, device: torch.device) -> tuple[Any, Any]:
-    """Load model and processor from a folder or hub id; every failure is an EngineLoadError."""
+@dataclass(frozen=True)
+class ModelFamily:
+    """What differs between loading Voxtral and Voxtral Realtime: names, and what to say."""
+
+    kind: str  #: the ``engine.kind`` that loads it, for messages
+    name: str  #: the model's name in messages
+    model_class: str  #: transformers' class names
+    processor_class: str
+    default_id: str
+    needs: str  #: the transformers release it needs
+    memory_hint: str  #: what to do about an out-of-memory
+
+
+VOXTRAL = ModelFamily(
+    "voxtral",
+    "Voxtral",
+    "VoxtralForConditionalGeneration",
+    "VoxtralProcessor",
+    DEFAULT_MODEL,
+    "4.54",
+    "Voxtral Mini 3B needs ~10 GB in bf16 plus the KV cache; free the GPU, or set "
+    "engine.device: cpu",
+)
+
+
+def load_pretrained(family: ModelFamily, model_id: str, device: torch.device) -> tuple[Any, Any]:
+    """(model, processor) from a folder or hub id, bf16 on CUDA and fp32 on a CPU, in eval
+    mode; every failure is an EngineLoadError that names the fix."""
     try:
-        from transformers import VoxtralForConditionalGeneration, VoxtralProcessor
-    except ImportError as exc:
+        import transformers
+
+        model_class = getattr(transformers, family.model_class)
+        processor_class = getattr(transformers, family.processor_class)
+    except (ImportError, AttributeError) as exc:
         raise EngineLoadError(
-            f"engine.kind voxtral needs transformers >= 4.54 with mistral-common ({exc}): "
-            "pip install 'voxtral-rtc[voxtral]'"
+            f"engine.kind {family.kind} needs transformers >= {family.needs} with "
+            f"mistral-common ({exc}): pip install 'voxtral-rtc[voxtral]'"
         ) from exc
+    model_id = model_id or family.default_id
     folder = Path(model_id).expanduser()
     if folder.exists() or model_id.startswith(("/", ".", "~")):
         if not folder.is_dir():
@@ -85,7 +116,7 @@ def load_model(model_id: str, device: torch.device) -> tuple[Any, Any]:
         if missing:
             raise EngineLoadError(
                 f"engine.model {model_id} lacks {', '.join(missing)}: download the whole "
-                f"repository (hf download {DEFAULT_MODEL} --local-dir {model_id})"
+                f"repository (hf download {family.default_id} --local-dir {model_id})"
             )
         model_id = str(folder)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -94,8 +125,8 @@ def load_model(model_id: str, device: torch.device) -> tuple[Any, Any]:
     # it they go to RAM first and are moved after (slower start, same result).
     direct = device.type == "cuda" and importlib.util.find_spec("accelerate") is not None
     try:
-        processor = VoxtralProcessor.from_pretrained(model_id)
-        model: Any = VoxtralForConditionalGeneration.from_pretrained(
+        processor = processor_class.from_pretrained(model_id)
+        model: Any = model_class.from_pretrained(
             model_id,
             dtype=dtype,
             attn_implementation="sdpa",
@@ -103,27 +134,33 @@ def load_model(model_id: str, device: torch.device) -> tuple[Any, Any]:
             # With the `kernels` package installed (transformers 5.25 requires it) and the
             # weights placed on a GPU, transformers swaps layers for Hugging Face Hub kernels
             # by default: code fetched from the hub at start-up, and a load failure offline
-            # (HF_HUB_OFFLINE=1). The engine runs PyTorch's own layers, compiled.
+            # (HF_HUB_OFFLINE=1). The engines run PyTorch's own layers.
             use_kernels=False,
         )
         if device.type == "cuda" and not direct:
             model = model.to(device)
     except torch.OutOfMemoryError as exc:
         raise EngineLoadError(
-            f"out of GPU memory loading {model_id}: Voxtral Mini 3B needs ~10 GB in bf16 plus "
-            "the KV cache; free the GPU, or set engine.device: cpu"
+            f"out of GPU memory loading {model_id}: {family.memory_hint}"
         ) from exc
     except (OSError, ValueError, RuntimeError, ImportError) as exc:
         raise EngineLoadError(
-            f"cannot load Voxtral from {model_id!r}: {exc}. Download it first "
-            f"(hf download {DEFAULT_MODEL}) or set engine.model to a local folder with "
+            f"cannot load {family.name} from {model_id!r}: {exc}. Download it first "
+            f"(hf download {family.default_id}) or set engine.model to a local folder with "
             "config.json, tekken.json and the safetensors weights"
         ) from exc
+    model.eval()
+    log.info("loaded %s in %.1f s", model_id, time.perf_counter() - started)
+    return model, processor
+
+
+def load_model(model_id: str, device: torch.device) -> tuple[Any, Any]:
+    """Voxtral's model and processor (``load_pretrained``), with the GPU's attention kernels."""
+    model, processor = load_pretrained(VOXTRAL, model_id, device)
     if device.type == "cuda":
         # Flash for the encoder (no mask), memory-efficient for the padded decoder.
         torch.backends.cuda.enable_flash_sdp(True)
         torch.backends.cuda.enable_mem_efficient_sdp(True)
-    log.info("loaded %s in %.1f s", model_id, time.perf_counter() - started)
     return model, processor
 
 
