@@ -453,9 +453,9 @@ class TranscriptionSession:
         if o.turn_detection:
             turn = {
                 "type": "server_vad",
-                "threshold": o.threshold,
+                "threshold": o.turns.threshold,
                 "prefix_padding_ms": o.prefix_padding_ms,
-                "silence_duration_ms": o.min_silence_ms,
+                "silence_duration_ms": o.turns.min_silence_ms,
             }
         transcription = {
             "model": self._deps.worker.engine.name,
