@@ -10,6 +10,7 @@ import asyncio
 import fractions
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +26,9 @@ from agent.config import WebRTCConfig
 from agent.transports.webrtc_peer import rtc_configuration
 
 FRAME_MS = 20
+COMPLETED = "conversation.item.input_audio_transcription.completed"
 
-__all__ = ["ArrayAudioTrack", "RealtimeClient", "ReceivedEvent", "read_audio"]
+__all__ = ["ArrayAudioTrack", "RealtimeClient", "ReceivedEvent", "read_audio", "utterances"]
 
 
 class ArrayAudioTrack(MediaStreamTrack):
@@ -162,5 +164,20 @@ class RealtimeClient:
     def of_type(self, type_: str) -> list[dict[str, Any]]:
         return [r.event for r in self.received if r.type == type_]
 
+    def utterances(self) -> list[dict[str, Any]]:
+        """The ``completed`` events that hold words, in arrival order (see ``utterances``)."""
+        return utterances(self.received)
+
     async def close(self) -> None:
         await self.pc.close()
+
+
+def utterances(received: Iterable[ReceivedEvent]) -> list[dict[str, Any]]:
+    """What was said: the ``completed`` events with a transcript, in arrival order. A
+    ``completed`` with an empty transcript closes an item the VAD opened on a breath or a
+    click; the server must send it (the protocol closes every item), but it is no utterance."""
+    return [
+        r.event
+        for r in received
+        if r.type == COMPLETED and str(r.event.get("transcript") or "").strip()
+    ]
