@@ -92,7 +92,7 @@ from bench.latency import (
     reference_info,
     run_phase,
 )
-from signaling.client import read_audio
+from voxtral_rtc_client import read_audio
 
 LAYOUTS = ("inprocess", "remote")
 #: Which process a layout's calls go to.

@@ -49,7 +49,7 @@ from bench.common import (
     shown_path,
     summarize,
 )
-from signaling.client import FRAME_MS, read_audio
+from voxtral_rtc_client import FRAME_MS, read_audio
 
 Samples = npt.NDArray[np.float32]
 FRAME = SAMPLE_RATE * FRAME_MS // 1000

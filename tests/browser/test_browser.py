@@ -247,13 +247,6 @@ def test_browser_shows_growing_grey_text_then_the_final(tmp_path: Path) -> None:
     assert set(words(texts[-1])) <= set(words(final["text"])), (texts[-1], final["text"])
 
 
-def clicks(rate: int = 16_000) -> np.ndarray:
-    """300 ms of clicks: twelve 2 kHz ticks, each dying out within 25 ms."""
-    t = np.arange(int(0.025 * rate)) / rate
-    tick = 0.8 * np.exp(-t / 0.004) * np.sin(2 * np.pi * 2000 * t)
-    return np.tile(tick, 12)
-
-
 def test_browser_shows_no_row_for_an_empty_final(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -267,6 +260,7 @@ def test_browser_shows_no_row_for_an_empty_final(
     if reason:
         pytest.skip(reason)
     from agent.audio_file import read_audio
+    from tests.support.sounds import clicks
 
     monkeypatch.setenv("VOXTRAL_RTC_VAD__KIND", "energy")  # the helper's server inherits it
     speech = tmp_path / "clicks_then_speech.wav"

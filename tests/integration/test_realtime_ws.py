@@ -21,10 +21,10 @@ import pytest
 
 from agent.engines.base import Engine, EngineRequest, EngineResult
 from signaling.app import RunningServer, start_server
-from signaling.client import ArrayAudioTrack, RealtimeClient
 from tests.conftest import BECKETT_PHRASES, make_config, normalise
-from tests.engine_gate import CountingEngine
 from tests.integration.test_robustness import Echo, scrape, wait_for
+from tests.support.engine_gate import CountingEngine
+from voxtral_rtc_client import ArrayAudioTrack, RealtimeClient
 
 COMPLETED = "conversation.item.input_audio_transcription.completed"
 DELTA = "conversation.item.input_audio_transcription.delta"

@@ -25,8 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import ENV_PREFIX
 from agent.transports.webrtc_peer import restrict_host_addresses
-from signaling.client import ArrayAudioTrack, RealtimeClient
 from tests.conftest import BECKETT_PHRASES, normalise
+from voxtral_rtc_client import ArrayAudioTrack, RealtimeClient
 
 REPO = Path(__file__).resolve().parents[2]
 LOOPBACK = "127.0.0.1"

@@ -7,9 +7,10 @@ import numpy.typing as npt
 
 from agent.engines.base import Engine
 from signaling.app import start_server
-from signaling.client import ArrayAudioTrack, RealtimeClient
 from tests.conftest import BECKETT_PHRASES, BECKETT_REGIONS, make_config, normalise
-from tests.engine_gate import CountingEngine, EngineGatedTrack, server_settled
+from tests.support.engine_gate import CountingEngine, EngineGatedTrack, server_settled
+from voxtral_rtc_client import ArrayAudioTrack, RealtimeClient
+from voxtral_rtc_client.audio import without_pauses
 
 DELTA = "conversation.item.input_audio_transcription.delta"
 COMPLETED = "conversation.item.input_audio_transcription.completed"
@@ -17,12 +18,7 @@ COMPLETED = "conversation.item.input_audio_transcription.completed"
 
 def phrases_without_pauses(beckett: npt.NDArray[np.float32], seconds: float) -> np.ndarray:
     """The six phrases cut at their speech regions and joined back to back until ``seconds``."""
-    pieces = [beckett[int(a * 16000) : int(b * 16000)] for a, b in BECKETT_REGIONS]
-    out: list[np.ndarray] = []
-    while sum(len(p) for p in out) < seconds * 16000:
-        out.extend(pieces)
-    lead = np.zeros(8000, np.float32)
-    return np.concatenate([lead, *out, np.zeros(16000, np.float32)])
+    return without_pauses(beckett, BECKETT_REGIONS, seconds)
 
 
 async def test_long_utterance_streams_append_only_deltas(

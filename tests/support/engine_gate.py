@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.engines.base import Engine, EngineRequest, EngineResult
-from signaling.client import ArrayAudioTrack
+from voxtral_rtc_client import ArrayAudioTrack
 
 #: Longest wait at one gate: a server that never catches up fails the test, not hangs it.
 GATE_TIMEOUT_S = 60.0
