@@ -14,6 +14,7 @@ from voxtral_rtc_client.audio import without_pauses
 
 DELTA = "conversation.item.input_audio_transcription.delta"
 COMPLETED = "conversation.item.input_audio_transcription.completed"
+STARTED = "input_audio_buffer.speech_started"
 
 
 def phrases_without_pauses(beckett: npt.NDArray[np.float32], seconds: float) -> np.ndarray:
@@ -112,4 +113,10 @@ async def test_interim_event_extension(
         interim = await client.next_event(
             "conversation.item.input_audio_transcription.interim", timeout=30
         )
-        assert isinstance(interim.event["text"], str) and interim.event["item_id"]
+        # A guess at the open item's words: some of beckett's, before the item's final.
+        words = set(normalise(interim.event["text"]).split())
+        assert words & set(" ".join(BECKETT_PHRASES).split()), interim.event
+        before = client.received[: client.received.index(interim)]
+        item_id = interim.event["item_id"]
+        assert item_id in {r.event["item_id"] for r in before if r.type == STARTED}
+        assert item_id not in {r.event["item_id"] for r in before if r.type == COMPLETED}
