@@ -265,7 +265,6 @@ class ItemPipeline:
         self._observer.utterance_committed()
         decided_at = item.stopped_at if item.stopped_at is not None else self._clock.now()
         decided_ms = item.decided_ms if item.decided_ms is not None else utt.end_ms
-        timings = {"speech_end_ms": float(utt.end_ms), "vad_ms": float(decided_ms - utt.end_ms)}
         final = item.speculation if utt.cut == "silence" else None
         if final is None:
             self._drop_speculation(item)
@@ -273,10 +272,18 @@ class ItemPipeline:
         else:
             self.speculations_reused += 1
         speculative = final is item.speculation
-        # Audio time from the end of speech to the start of the final decode.
-        timings["decode_after_ms"] = float(
-            (item.speculation_ms if speculative else decided_ms) - utt.end_ms
-        )
+        timings: events.Timings = {
+            "speech_end_ms": float(utt.end_ms),
+            "vad_ms": float(decided_ms - utt.end_ms),
+            # Audio time from the end of speech to the start of the final decode.
+            "decode_after_ms": float(
+                (item.speculation_ms if speculative else decided_ms) - utt.end_ms
+            ),
+            # The engine's figures and the time to send, once the final is back.
+            "queue_ms": 0.0,
+            "engine_ms": 0.0,
+            "server_ms": 0.0,
+        }
         audio_s = len(utt.audio) / 16_000
         self._spawn(self._complete(item, final, timings, decided_at, speculative, audio_s))
 
@@ -284,7 +291,7 @@ class ItemPipeline:
         self,
         item: _Item,
         final: asyncio.Task[Transcription],
-        timings: dict[str, float],
+        timings: events.Timings,
         decided_at: float,
         speculative: bool,
         audio_s: float,
@@ -294,7 +301,7 @@ class ItemPipeline:
             lag_ms = self._worker.lag_ms()
             if not done and lag_ms >= LAG_NOTICE_S * 1000:
                 # Not held behind earlier items: it says the engine is late, not what was said.
-                self._send(engine_lag(item.item_id, lag_ms, self._worker.queue_depth))
+                self._send(events.engine_lag(item.item_id, lag_ms, self._worker.queue_depth))
             try:
                 result = await final
             except EngineError as exc:
@@ -311,12 +318,10 @@ class ItemPipeline:
             tail = item.agreement.finish(result.text) if self.deltas else ""
             if tail:
                 self._emit(item, events.transcription_delta(item.item_id, tail))
-            timings.update(
-                queue_ms=result.queue_ms,
-                engine_ms=result.engine_ms,
-                # From the end-of-speech decision to this event leaving the server.
-                server_ms=(self._clock.now() - decided_at) * 1000,
-            )
+            timings["queue_ms"] = result.queue_ms
+            timings["engine_ms"] = result.engine_ms
+            # From the end-of-speech decision to this event leaving the server.
+            timings["server_ms"] = (self._clock.now() - decided_at) * 1000
             completed = events.transcription_completed(
                 item.item_id,
                 result.text,
@@ -334,14 +339,3 @@ class ItemPipeline:
 
 def _running(task: asyncio.Task[Any] | None) -> bool:
     return task is not None and not task.done()
-
-
-def engine_lag(item_id: str, lag_ms: float, queue_depth: int) -> events.Event:
-    """Extension event: the engine is behind real time; this item's final will be late."""
-    return {
-        "type": ENGINE_LAG,
-        "event_id": events.new_id("event"),
-        "item_id": item_id,
-        "lag_ms": round(lag_ms, 1),
-        "queue_depth": queue_depth,
-    }

@@ -10,6 +10,7 @@ from agent.engines.base import Engine
 from signaling.app import start_server
 from tests.conftest import BECKETT_PHRASES, make_config, normalise
 from tests.support.sounds import clicks
+from tests.support.wire import problems
 from voxtral_rtc_client import COMPLETED, ArrayAudioTrack, RealtimeClient
 
 FAILED = "conversation.item.input_audio_transcription.failed"
@@ -34,5 +35,7 @@ async def test_clicks_complete_empty_and_are_no_utterance(
             said = client.utterances()
             assert [normalise(u["transcript"]) for u in said] == BECKETT_PHRASES
             assert [u["item_id"] for u in said] == [c["item_id"] for c in completed[1:]]
+            # Everything the server really sent is what the event types say.
+            assert [p for r in client.received for p in problems(r.event)] == []
     finally:
         await server.stop()
