@@ -3,9 +3,8 @@
 Synchronous, no I/O, no model: the input is one speech probability per 32 ms VAD window
 (Silero, or any ``VadStream``), so tests drive it with scripted probabilities. Three steps:
 
-1. ``find_speech_regions``: the same hysteresis as the live segmenter (speech starts at
-   ``threshold``, continues down to ``threshold - 0.15``, ends after ``min_silence_ms`` of
-   silence; blips under ``min_speech_ms`` are dropped).
+1. ``find_speech_regions``: the turn rule of ``agent/turns.py``, the one the live segmenter
+   cuts utterances with (hysteresis, minimum speech, hangover).
 2. ``split_long_regions``: a region longer than a piece may be (someone talking for a minute
    without a 200 ms pause) is cut at the longest short pause (a run of windows under the
    lower threshold) in the last ``lookback_s`` before the limit, or failing that at the
@@ -22,13 +21,13 @@ to a neighbouring piece, so no audio is sent twice and timestamps stay monotonic
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
 from agent.config import SegmenterConfig, VadConfig
-from agent.segmenter import NEG_THRESHOLD_GAP
+from agent.turns import Ended, TurnDetector, TurnOptions
 from agent.vad import WINDOW_MS, WINDOW_SAMPLES
 
 Probabilities = Sequence[float] | npt.NDArray[np.float32]
@@ -40,9 +39,7 @@ SAMPLE_RATE = WINDOW_SAMPLES * 1000 // WINDOW_MS  # 16 kHz, the rate the VAD win
 class ChunkingOptions:
     """How a file is cut; ``from_config`` takes the live path's VAD and segmenter settings."""
 
-    threshold: float = 0.5
-    min_speech_ms: int = 100
-    min_silence_ms: int = 200
+    turns: TurnOptions = field(default_factory=TurnOptions)
     #: Audio kept around each piece's speech (bounded by half the gap to its neighbours).
     pad_ms: int = 300
     #: Longest audio per engine request: the engines' 30 s window.
@@ -59,17 +56,11 @@ class ChunkingOptions:
         cls, vad: VadConfig, segmenter: SegmenterConfig, pack: bool = True
     ) -> ChunkingOptions:
         return cls(
-            threshold=vad.threshold,
-            min_speech_ms=segmenter.min_speech_ms,
-            min_silence_ms=segmenter.min_silence_ms,
+            turns=TurnOptions.from_config(vad, segmenter),
             pad_ms=segmenter.prefix_padding_ms,
             max_piece_s=segmenter.max_utterance_s,
             pack=pack,
         )
-
-    @property
-    def neg_threshold(self) -> float:
-        return max(self.threshold - NEG_THRESHOLD_GAP, 0.01)
 
     @property
     def pad_windows(self) -> int:
@@ -125,25 +116,11 @@ def window_count(n_samples: int) -> int:
 
 
 def find_speech_regions(probs: Probabilities, options: ChunkingOptions) -> list[SpeechRegion]:
-    """Speech regions by hysteresis, as the live segmenter cuts utterances."""
-    min_silence = max(-(-options.min_silence_ms // WINDOW_MS), 1)
-    min_speech = -(-options.min_speech_ms // WINDOW_MS)
-    regions: list[SpeechRegion] = []
-    start: int | None = None
-    last_speech_end = 0
-    for i, p in enumerate(probs):
-        if start is None:
-            if p >= options.threshold:
-                start, last_speech_end = i, i + 1
-            continue
-        if p >= options.neg_threshold:
-            last_speech_end = i + 1
-        elif i + 1 - last_speech_end >= min_silence:
-            regions.append(SpeechRegion(start, last_speech_end))
-            start = None
-    if start is not None:
-        regions.append(SpeechRegion(start, last_speech_end))
-    return [r for r in regions if r.windows >= min_speech]
+    """Speech regions by the turn rule, as the live segmenter cuts utterances."""
+    turns = TurnDetector(options.turns)
+    ended = [e for p in probs for e in turns.push(float(p)) if isinstance(e, Ended)]
+    ended += [e for e in turns.finish() if isinstance(e, Ended)]
+    return [SpeechRegion(e.start, e.end) for e in ended]
 
 
 def split_long_regions(
@@ -167,7 +144,7 @@ def _split_once(
     limit = options.max_speech_windows
     lo = max(region.start + 1, region.start + limit - options.lookback_windows)
     hi = region.start + limit  # the first part may end at most here
-    pause = _longest_pause(probs, lo, hi, options.neg_threshold)
+    pause = _longest_pause(probs, lo, hi, options.turns.neg_threshold)
     if pause is not None:
         pause_start, pause_end = pause
         return SpeechRegion(region.start, pause_start), SpeechRegion(pause_end, region.end)

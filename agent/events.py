@@ -1,7 +1,8 @@
 """The data-channel wire format: OpenAI Realtime transcription events, both directions.
 
-Server events are built by small functions returning plain dicts ready for ``json.dumps``;
-each gets a unique ``event_id``. Our additions live only in extra fields (``timings``,
+Server events are typed (one ``TypedDict`` each, ``SERVER_EVENTS`` the table) and built by
+small functions returning them, plain dicts ready for ``json.dumps``; each gets a unique
+``event_id``. Our additions live only in extra fields (``timings``,
 ``language``), never as new meanings of standard ones. Client messages are parsed into
 frozen dataclasses; anything malformed raises ``ProtocolError`` which the session turns
 into an ``error`` event while the call goes on.
@@ -11,13 +12,21 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import (
+    Any,
+    Literal,
+    NotRequired,
+    TypedDict,
+    cast,
+    get_args,
+    get_origin,
+    get_type_hints,
+    is_typeddict,
+)
 
 from agent import json_guard
 from agent.audio_formats import BY_NAME, InputFormat
 from agent.errors import ProtocolError
-
-Event = dict[str, Any]
 
 TRANSCRIPTION = "conversation.item.input_audio_transcription"
 
@@ -26,67 +35,348 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:20]}"
 
 
-def _event(type_: str, **fields: Any) -> Event:
-    return {"type": type_, "event_id": new_id("event"), **fields}
+# -- server -> client: one TypedDict per event; SERVER_EVENTS is the table --------------------
+#
+# Each class's docstring is its line in the README's protocol summary (generated from
+# SERVER_EVENTS, checked by tests/unit/test_events.py); fields that are ``NotRequired`` are
+# sent only sometimes. Every event a session sends may also carry ``call_sid`` and ``track``
+# (a phone call's subscribers hear several sessions at once).
 
 
-def session_created(session: dict[str, Any]) -> Event:
-    return _event("session.created", session=session)
+class TranscriptionObject(TypedDict):
+    model: str
+    language: str | None
+    prompt: str
+    #: Extension: a streaming engine's delay (``voxtral_realtime``), settable per session.
+    delay_ms: NotRequired[int]
 
 
-def session_updated(session: dict[str, Any]) -> Event:
-    return _event("session.updated", session=session)
+class TurnDetectionObject(TypedDict):
+    type: Literal["server_vad"]
+    threshold: float
+    prefix_padding_ms: int
+    silence_duration_ms: int
 
 
-def transcription_session_updated(session: dict[str, Any]) -> Event:
+class AudioInputObject(TypedDict):
+    format: dict[str, Any]
+    transcription: TranscriptionObject
+    turn_detection: TurnDetectionObject | None
+    noise_reduction: None
+
+
+class AudioObject(TypedDict):
+    input: AudioInputObject
+
+
+class SessionObject(TypedDict):
+    """A transcription session as ``session.created``/``updated`` describe it: the GA
+    fields and, beside them, the beta ones."""
+
+    type: Literal["transcription"]
+    id: str
+    object: Literal["realtime.transcription_session"]
+    audio: AudioObject
+    include: list[str]
+    input_audio_format: str
+    input_audio_transcription: TranscriptionObject
+    turn_detection: TurnDetectionObject | None
+    include_interim: bool
+
+
+class SessionCreated(TypedDict):
+    """The session as it starts (sent before any other event)."""
+
+    type: Literal["session.created"]
+    event_id: str
+    session: SessionObject
+
+
+class SessionUpdated(TypedDict):
+    """The answer to a GA ``session.update``: the session as it now is."""
+
+    type: Literal["session.updated"]
+    event_id: str
+    session: SessionObject
+
+
+class TranscriptionSessionUpdated(TypedDict):
+    """The answer to a beta ``transcription_session.update``."""
+
+    type: Literal["transcription_session.updated"]
+    event_id: str
+    session: SessionObject
+
+
+class SpeechStarted(TypedDict):
+    """Speech began: a new item, at its onset in the call's audio."""
+
+    type: Literal["input_audio_buffer.speech_started"]
+    event_id: str
+    item_id: str
+    audio_start_ms: int
+
+
+class SpeechStopped(TypedDict):
+    """Speech ended (after the hangover) at the end of its last speech window."""
+
+    type: Literal["input_audio_buffer.speech_stopped"]
+    event_id: str
+    item_id: str
+    audio_end_ms: int
+
+
+class Committed(TypedDict):
+    """The item's audio went to the engine; items chain by ``previous_item_id``."""
+
+    type: Literal["input_audio_buffer.committed"]
+    event_id: str
+    item_id: str
+    previous_item_id: str | None
+
+
+class Cleared(TypedDict):
+    """The answer to ``input_audio_buffer.clear``."""
+
+    type: Literal["input_audio_buffer.cleared"]
+    event_id: str
+
+
+class TranscriptionDelta(TypedDict):
+    """Append-only text of an open item, while the person talks."""
+
+    type: Literal["conversation.item.input_audio_transcription.delta"]
+    event_id: str
+    item_id: str
+    content_index: int
+    delta: str
+
+
+class TranscriptionInterim(TypedDict):
+    """Extension, only after ``session.update`` ``{"include_interim": true}``: the whole
+    current hypothesis of an open item (may change; not appended)."""
+
+    type: Literal["conversation.item.input_audio_transcription.interim"]
+    event_id: str
+    item_id: str
+    content_index: int
+    text: str
+
+
+class Timings(TypedDict):
+    """Where the final's time went (ms): audio time from the end of speech to the stop
+    decision (``vad_ms``) and to the start of the final decode (``decode_after_ms``); the
+    engine's queue and work; from the decision to the event leaving (``server_ms``). A
+    streaming engine (``voxtral_realtime``) decodes as the audio comes: its finals carry
+    the model's ``delay_ms`` instead of the four decode fields."""
+
+    speech_end_ms: float
+    server_ms: float
+    vad_ms: NotRequired[float]
+    decode_after_ms: NotRequired[float]
+    queue_ms: NotRequired[float]
+    engine_ms: NotRequired[float]
+    delay_ms: NotRequired[float]
+
+
+class Usage(TypedDict):
+    type: Literal["duration"]
+    seconds: float
+
+
+class TranscriptionCompleted(TypedDict):
+    """The item's authoritative text (may be empty: a breath or a click the VAD took for
+    speech, which our clients show as no utterance). Extras: ``timings``, ``language``,
+    ``speculative`` (the final decode started at the first silence), ``lag_ms`` (the
+    engine's backlog as it left: how long the oldest final still queued had waited)."""
+
+    type: Literal["conversation.item.input_audio_transcription.completed"]
+    event_id: str
+    item_id: str
+    content_index: int
+    transcript: str
+    timings: Timings
+    usage: NotRequired[Usage]
+    language: NotRequired[str]
+    speculative: NotRequired[bool]
+    lag_ms: NotRequired[float]
+
+
+class ErrorObject(TypedDict):
+    type: str
+    code: str
+    message: str
+    #: The client event that caused it, when there was one.
+    event_id: NotRequired[str | None]
+
+
+class TranscriptionFailed(TypedDict):
+    """The item could not be transcribed (``engine_timeout``, ``queue_full``...)."""
+
+    type: Literal["conversation.item.input_audio_transcription.failed"]
+    event_id: str
+    item_id: str
+    content_index: int
+    error: ErrorObject
+
+
+class Error(TypedDict):
+    """A client's mistake (the session goes on), or ``session_expired`` just before the
+    server hangs up at ``limits.max_call_s``."""
+
+    type: Literal["error"]
+    event_id: str
+    error: ErrorObject
+
+
+class EngineLag(TypedDict):
+    """Extension: this item's final is still unanswered 1 s after its commit while the
+    engine's backlog is as long: the transcript will be late (at most one per item)."""
+
+    type: Literal["voxtral.engine_lag"]
+    event_id: str
+    item_id: str
+    lag_ms: float
+    queue_depth: int
+
+
+class Dtmf(TypedDict):
+    """Extension, phone calls only: a key pressed on the phone."""
+
+    type: Literal["voxtral.dtmf"]
+    event_id: str
+    digit: str
+    track: str
+    call_sid: str
+
+
+ServerEvent = (
+    SessionCreated
+    | SessionUpdated
+    | TranscriptionSessionUpdated
+    | SpeechStarted
+    | SpeechStopped
+    | Committed
+    | Cleared
+    | TranscriptionDelta
+    | TranscriptionInterim
+    | TranscriptionCompleted
+    | TranscriptionFailed
+    | Error
+    | EngineLag
+    | Dtmf
+)
+#: Kept for the code that names the union of what a session sends.
+Event = ServerEvent
+
+#: The table: every server event's ``type`` and its shape, in the README's order.
+SERVER_EVENTS: dict[str, type[Any]] = {
+    get_args(get_type_hints(cls)["type"])[0]: cls
+    for cls in (
+        SessionCreated,
+        SessionUpdated,
+        TranscriptionSessionUpdated,
+        SpeechStarted,
+        SpeechStopped,
+        Committed,
+        Cleared,
+        TranscriptionDelta,
+        TranscriptionInterim,
+        TranscriptionCompleted,
+        TranscriptionFailed,
+        Error,
+        EngineLag,
+        Dtmf,
+    )
+}
+
+
+def session_created(session: SessionObject) -> SessionCreated:
+    return {"type": "session.created", "event_id": new_id("event"), "session": session}
+
+
+def session_updated(session: SessionObject) -> SessionUpdated:
+    return {"type": "session.updated", "event_id": new_id("event"), "session": session}
+
+
+def transcription_session_updated(session: SessionObject) -> TranscriptionSessionUpdated:
     """The beta answer to ``transcription_session.update``."""
-    return _event("transcription_session.updated", session=session)
+    return {
+        "type": "transcription_session.updated",
+        "event_id": new_id("event"),
+        "session": session,
+    }
 
 
-def speech_started(item_id: str, audio_start_ms: int) -> Event:
-    return _event(
-        "input_audio_buffer.speech_started", item_id=item_id, audio_start_ms=audio_start_ms
-    )
+def speech_started(item_id: str, audio_start_ms: int) -> SpeechStarted:
+    return {
+        "type": "input_audio_buffer.speech_started",
+        "event_id": new_id("event"),
+        "item_id": item_id,
+        "audio_start_ms": audio_start_ms,
+    }
 
 
-def speech_stopped(item_id: str, audio_end_ms: int) -> Event:
-    return _event("input_audio_buffer.speech_stopped", item_id=item_id, audio_end_ms=audio_end_ms)
+def speech_stopped(item_id: str, audio_end_ms: int) -> SpeechStopped:
+    return {
+        "type": "input_audio_buffer.speech_stopped",
+        "event_id": new_id("event"),
+        "item_id": item_id,
+        "audio_end_ms": audio_end_ms,
+    }
 
 
-def committed(item_id: str, previous_item_id: str | None) -> Event:
-    return _event(
-        "input_audio_buffer.committed", item_id=item_id, previous_item_id=previous_item_id
-    )
+def committed(item_id: str, previous_item_id: str | None) -> Committed:
+    return {
+        "type": "input_audio_buffer.committed",
+        "event_id": new_id("event"),
+        "item_id": item_id,
+        "previous_item_id": previous_item_id,
+    }
 
 
-def cleared() -> Event:
-    return _event("input_audio_buffer.cleared")
+def cleared() -> Cleared:
+    return {"type": "input_audio_buffer.cleared", "event_id": new_id("event")}
 
 
-def transcription_delta(item_id: str, delta: str) -> Event:
-    return _event(f"{TRANSCRIPTION}.delta", item_id=item_id, content_index=0, delta=delta)
+def transcription_delta(item_id: str, delta: str) -> TranscriptionDelta:
+    return {
+        "type": "conversation.item.input_audio_transcription.delta",
+        "event_id": new_id("event"),
+        "item_id": item_id,
+        "content_index": 0,
+        "delta": delta,
+    }
 
 
-def transcription_interim(item_id: str, text: str) -> Event:
+def transcription_interim(item_id: str, text: str) -> TranscriptionInterim:
     """Extension: the whole current hypothesis of an open item (may change; not appended)."""
-    return _event(f"{TRANSCRIPTION}.interim", item_id=item_id, content_index=0, text=text)
+    return {
+        "type": "conversation.item.input_audio_transcription.interim",
+        "event_id": new_id("event"),
+        "item_id": item_id,
+        "content_index": 0,
+        "text": text,
+    }
 
 
 def transcription_completed(
     item_id: str,
     transcript: str,
-    timings: dict[str, float],
+    timings: Timings,
     language: str | None = None,
     speculative: bool = False,
     audio_s: float | None = None,
-) -> Event:
-    event = _event(
-        f"{TRANSCRIPTION}.completed",
-        item_id=item_id,
-        content_index=0,
-        transcript=transcript,
-        timings={k: round(v, 1) for k, v in timings.items()},
-    )
+) -> TranscriptionCompleted:
+    rounded = cast(Timings, {k: round(cast(float, v), 1) for k, v in timings.items()})
+    event: TranscriptionCompleted = {
+        "type": "conversation.item.input_audio_transcription.completed",
+        "event_id": new_id("event"),
+        "item_id": item_id,
+        "content_index": 0,
+        "transcript": transcript,
+        "timings": rounded,
+    }
     if audio_s is not None:
         # As OpenAI bills whisper-style models: the seconds of audio transcribed.
         event["usage"] = {"type": "duration", "seconds": round(audio_s, 3)}
@@ -98,13 +388,35 @@ def transcription_completed(
     return event
 
 
-def transcription_failed(item_id: str, code: str, message: str) -> Event:
-    return _event(
-        f"{TRANSCRIPTION}.failed",
-        item_id=item_id,
-        content_index=0,
-        error={"type": "transcription_error", "code": code, "message": message},
-    )
+def transcription_failed(item_id: str, code: str, message: str) -> TranscriptionFailed:
+    return {
+        "type": "conversation.item.input_audio_transcription.failed",
+        "event_id": new_id("event"),
+        "item_id": item_id,
+        "content_index": 0,
+        "error": {"type": "transcription_error", "code": code, "message": message},
+    }
+
+
+def engine_lag(item_id: str, lag_ms: float, queue_depth: int) -> EngineLag:
+    """Extension event: the engine is behind real time; this item's final will be late."""
+    return {
+        "type": "voxtral.engine_lag",
+        "event_id": new_id("event"),
+        "item_id": item_id,
+        "lag_ms": round(lag_ms, 1),
+        "queue_depth": queue_depth,
+    }
+
+
+def dtmf(digit: str, track: str, call_sid: str) -> Dtmf:
+    return {
+        "type": "voxtral.dtmf",
+        "event_id": new_id("event"),
+        "digit": digit,
+        "track": track,
+        "call_sid": call_sid,
+    }
 
 
 #: Longest piece of a client's own input repeated back in an ``error`` event.
@@ -127,12 +439,21 @@ def echo(value: object) -> str:
     return clip(repr(value))
 
 
-def error(code: str, message: str, type_: str = "invalid_request_error", **extra: Any) -> Event:
-    message = clip(message, ERROR_MESSAGE_MAX_CHARS)
-    body: dict[str, Any] = {"type": type_, "code": code, "message": message}
-    # Extras (``event_id``) come from the client: cut like any other echo.
-    body.update({k: clip(v) if isinstance(v, str) else v for k, v in extra.items()})
-    return _event("error", error=body)
+def error(
+    code: str, message: str, type_: str = "invalid_request_error", **extra: str | None
+) -> Error:
+    """``extra`` may only be the ``event_id`` of the client event that caused it."""
+    body: ErrorObject = {
+        "type": type_,
+        "code": code,
+        "message": clip(message, ERROR_MESSAGE_MAX_CHARS),
+    }
+    for key, value in extra.items():
+        if key != "event_id":
+            raise TypeError(f"error() got an unexpected field {key!r}")
+        # It comes from the client: cut like any other echo.
+        body["event_id"] = clip(value) if isinstance(value, str) else value
+    return {"type": "error", "event_id": new_id("event"), "error": body}
 
 
 # -- client -> server ---------------------------------------------------------------------
@@ -185,6 +506,15 @@ class Append:
 
 
 ClientEvent = SessionUpdate | Commit | Clear | Append
+
+#: The client events the server reads, by ``type``, and what each is parsed into.
+CLIENT_EVENTS: dict[str, type[ClientEvent]] = {
+    "session.update": SessionUpdate,
+    "transcription_session.update": SessionUpdate,
+    "input_audio_buffer.append": Append,
+    "input_audio_buffer.commit": Commit,
+    "input_audio_buffer.clear": Clear,
+}
 
 #: Transcription models whose OpenAI sessions have no server VAD unless asked: a client
 #: naming one without a ``turn_detection`` commits each turn itself (LiveKit's plugin does,
@@ -341,3 +671,47 @@ def _opt_int(obj: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise ProtocolError(f"{key} must be an integer in [{lo}, {hi}]", "invalid_value")
     return value
+
+
+# -- the protocol summary, from the table -----------------------------------------------------
+
+
+def optional_keys(cls: type[Any]) -> frozenset[str]:
+    """A TypedDict's keys that may be missing. (``__optional_keys__`` cannot see
+    ``NotRequired`` under ``from __future__ import annotations``.)"""
+    hints = get_type_hints(cls, include_extras=True)
+    if not getattr(cls, "__total__", True):
+        return frozenset(hints)
+    return frozenset(k for k, h in hints.items() if get_origin(h) is NotRequired)
+
+
+def _fields(cls: type[Any]) -> str:
+    hints = get_type_hints(cls)
+    optional = optional_keys(cls)
+    parts = []
+    for name, hint in hints.items():
+        if name in ("type", "event_id"):
+            continue
+        inner = [a for a in (hint, *get_args(hint)) if is_typeddict(a)]
+        if inner:
+            maybe = optional_keys(inner[0])
+            sub = ", ".join(k + "?" * (k in maybe) for k in get_type_hints(inner[0]))
+            shown = f"{name}: {{{sub}}}"
+        else:
+            shown = name
+        parts.append(f"`{shown}`" + ("?" if name in optional else ""))
+    return ", ".join(parts)
+
+
+def protocol_table() -> str:
+    """The README's table of server events: every event of ``SERVER_EVENTS``, its fields
+    (``?``: only sometimes) and what it means (its class's docstring)."""
+    rows = ["| event | fields | meaning |", "|---|---|---|"]
+    for type_, cls in SERVER_EVENTS.items():
+        doc = " ".join((cls.__doc__ or "").split())
+        rows.append(f"| `{type_}` | {_fields(cls)} | {doc} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(protocol_table(), end="")

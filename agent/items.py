@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from typing import Any
 
 from agent import events
 from agent.agreement import LocalAgreement
+from agent.clock import Clock, finished_within
 from agent.detector import DetectorEvent, InterimDue
 from agent.engines.base import EngineRequest
 from agent.engines.worker import EngineWorker, Priority, Transcription
@@ -83,8 +83,11 @@ class ItemPipeline:
         spawn: Spawn,
         observer: CallObserver | None = None,
         call_id: str = "",
+        clock: Clock | None = None,
     ):
         self._worker = worker
+        #: Holds, lag notices and server time: the worker's clock unless given.
+        self._clock = clock or worker.clock
         self._send = send
         self._spawn = spawn
         self._observer = observer or CallObserver()
@@ -117,7 +120,7 @@ class ItemPipeline:
                 self._withdraw_speculation(self._open.get(ev.index))
             elif isinstance(ev, SpeechStopped):
                 item = self._open[ev.index]
-                item.stopped_at, item.decided_ms = time.perf_counter(), ev.decided_ms
+                item.stopped_at, item.decided_ms = self._clock.now(), ev.decided_ms
                 self._send(events.speech_stopped(item.item_id, ev.end_ms))
             elif isinstance(ev, Utterance):
                 self._commit(ev)
@@ -226,7 +229,7 @@ class ItemPipeline:
         self, request: EngineRequest, started: asyncio.Event, hold_s: float
     ) -> Transcription:
         if hold_s:
-            await asyncio.sleep(hold_s)  # cancelled here by a resume: nothing was queued
+            await self._clock.sleep(hold_s)  # cancelled here by a resume: nothing was queued
         return await self._worker.transcribe(request, Priority.FINAL, started)
 
     def _withdraw_speculation(self, item: _Item | None) -> None:
@@ -260,9 +263,8 @@ class ItemPipeline:
         self._last_item_id = item.item_id
         self.utterances += 1
         self._observer.utterance_committed()
-        decided_at = item.stopped_at or time.perf_counter()
+        decided_at = item.stopped_at if item.stopped_at is not None else self._clock.now()
         decided_ms = item.decided_ms if item.decided_ms is not None else utt.end_ms
-        timings = {"speech_end_ms": float(utt.end_ms), "vad_ms": float(decided_ms - utt.end_ms)}
         final = item.speculation if utt.cut == "silence" else None
         if final is None:
             self._drop_speculation(item)
@@ -270,10 +272,18 @@ class ItemPipeline:
         else:
             self.speculations_reused += 1
         speculative = final is item.speculation
-        # Audio time from the end of speech to the start of the final decode.
-        timings["decode_after_ms"] = float(
-            (item.speculation_ms if speculative else decided_ms) - utt.end_ms
-        )
+        timings: events.Timings = {
+            "speech_end_ms": float(utt.end_ms),
+            "vad_ms": float(decided_ms - utt.end_ms),
+            # Audio time from the end of speech to the start of the final decode.
+            "decode_after_ms": float(
+                (item.speculation_ms if speculative else decided_ms) - utt.end_ms
+            ),
+            # The engine's figures and the time to send, once the final is back.
+            "queue_ms": 0.0,
+            "engine_ms": 0.0,
+            "server_ms": 0.0,
+        }
         audio_s = len(utt.audio) / 16_000
         self._spawn(self._complete(item, final, timings, decided_at, speculative, audio_s))
 
@@ -281,17 +291,17 @@ class ItemPipeline:
         self,
         item: _Item,
         final: asyncio.Task[Transcription],
-        timings: dict[str, float],
+        timings: events.Timings,
         decided_at: float,
         speculative: bool,
         audio_s: float,
     ) -> None:
         try:
-            done, _ = await asyncio.wait({final}, timeout=LAG_NOTICE_S)
+            done = await finished_within(self._clock, final, LAG_NOTICE_S)
             lag_ms = self._worker.lag_ms()
             if not done and lag_ms >= LAG_NOTICE_S * 1000:
                 # Not held behind earlier items: it says the engine is late, not what was said.
-                self._send(engine_lag(item.item_id, lag_ms, self._worker.queue_depth))
+                self._send(events.engine_lag(item.item_id, lag_ms, self._worker.queue_depth))
             try:
                 result = await final
             except EngineError as exc:
@@ -308,12 +318,10 @@ class ItemPipeline:
             tail = item.agreement.finish(result.text) if self.deltas else ""
             if tail:
                 self._emit(item, events.transcription_delta(item.item_id, tail))
-            timings.update(
-                queue_ms=result.queue_ms,
-                engine_ms=result.engine_ms,
-                # From the end-of-speech decision to this event leaving the server.
-                server_ms=(time.perf_counter() - decided_at) * 1000,
-            )
+            timings["queue_ms"] = result.queue_ms
+            timings["engine_ms"] = result.engine_ms
+            # From the end-of-speech decision to this event leaving the server.
+            timings["server_ms"] = (self._clock.now() - decided_at) * 1000
             completed = events.transcription_completed(
                 item.item_id,
                 result.text,
@@ -331,14 +339,3 @@ class ItemPipeline:
 
 def _running(task: asyncio.Task[Any] | None) -> bool:
     return task is not None and not task.done()
-
-
-def engine_lag(item_id: str, lag_ms: float, queue_depth: int) -> events.Event:
-    """Extension event: the engine is behind real time; this item's final will be late."""
-    return {
-        "type": ENGINE_LAG,
-        "event_id": events.new_id("event"),
-        "item_id": item_id,
-        "lag_ms": round(lag_ms, 1),
-        "queue_depth": queue_depth,
-    }

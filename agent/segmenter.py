@@ -1,12 +1,11 @@
 """Cut a call's audio into utterances from per-window speech probabilities.
 
 Synchronous, no I/O, no clock: time is the count of 32 ms windows pushed, so a scripted list
-of probabilities drives it exactly (tests do). It implements the OpenAI ``server_vad`` turn
-detection: hysteresis (speech starts at ``threshold``, continues down to ``threshold - 0.15``),
-a minimum speech length before ``speech_started`` (a short blip is dropped silently), a
-hangover of ``min_silence_ms`` before ``speech_stopped``, pre-roll (``prefix_padding_ms``)
-kept in front of the onset, and a forced cut at the maximum utterance length. With turn
-detection off, audio accumulates until the client commits.
+of probabilities drives it exactly (tests do). Where speech starts and ends is the turn rule
+of ``agent/turns.py`` (the one file transcription uses too); this module adds what a live call
+needs around it: the audio, pre-roll (``prefix_padding_ms``) kept in front of the onset,
+utterance numbering, and a forced cut at the maximum utterance length. With turn detection
+off, audio accumulates until the client commits.
 
 Inside confirmed speech, the first silent window emits ``SpeechPaused`` so the final decode
 can start before the hangover ends. ``peek`` lets that pause come sooner, from a look at the
@@ -16,27 +15,32 @@ audio that arrived since the last whole window; times and cuts stay on the windo
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from agent.config import SegmenterConfig, VadConfig
+from agent.turns import (
+    Dropped,
+    Ended,
+    Paused,
+    Resumed,
+    Started,
+    TurnDetector,
+    TurnOptions,
+)
 from agent.vad import WINDOW_MS, WINDOW_SAMPLES
-
-NEG_THRESHOLD_GAP = 0.15  # Silero's own hysteresis: speech ends below threshold - 0.15
 
 Cut = Literal["silence", "max_length", "commit", "end_of_call"]
 
 
 @dataclass(frozen=True)
 class SegmenterOptions:
-    """Turn detection settings; ``turn_detection=False`` means client-driven commits."""
+    """A call's segmentation; ``turn_detection=False`` means client-driven commits."""
 
-    threshold: float = 0.5
-    min_speech_ms: int = 100
-    min_silence_ms: int = 200
+    turns: TurnOptions = field(default_factory=TurnOptions)
     prefix_padding_ms: int = 300
     max_utterance_ms: int = 30_000
     turn_detection: bool = True
@@ -44,9 +48,7 @@ class SegmenterOptions:
     @classmethod
     def from_config(cls, vad: VadConfig, segmenter: SegmenterConfig) -> SegmenterOptions:
         return cls(
-            threshold=vad.threshold,
-            min_speech_ms=segmenter.min_speech_ms,
-            min_silence_ms=segmenter.min_silence_ms,
+            turns=TurnOptions.from_config(vad, segmenter),
             prefix_padding_ms=segmenter.prefix_padding_ms,
             max_utterance_ms=int(segmenter.max_utterance_s * 1000),
         )
@@ -58,18 +60,14 @@ class SegmenterOptions:
         silence_ms: int | None = None,
     ) -> SegmenterOptions:
         """Server VAD on, with the given settings changed (``None`` keeps the current one)."""
-        changes: dict[str, float | int | bool] = {"turn_detection": True}
-        if threshold is not None:
-            changes["threshold"] = threshold
-        if prefix_padding_ms is not None:
-            changes["prefix_padding_ms"] = prefix_padding_ms
-        if silence_ms is not None:
-            changes["min_silence_ms"] = silence_ms
-        return replace(self, **changes)  # type: ignore[arg-type]
-
-    @property
-    def neg_threshold(self) -> float:
-        return max(self.threshold - NEG_THRESHOLD_GAP, 0.01)
+        turns = self.turns
+        turns = TurnOptions(
+            threshold=turns.threshold if threshold is None else threshold,
+            min_speech_ms=turns.min_speech_ms,
+            min_silence_ms=turns.min_silence_ms if silence_ms is None else silence_ms,
+        )
+        padding = self.prefix_padding_ms if prefix_padding_ms is None else prefix_padding_ms
+        return replace(self, turns=turns, prefix_padding_ms=padding, turn_detection=True)
 
 
 @dataclass(frozen=True)
@@ -121,23 +119,18 @@ SegmenterEvent = SpeechStarted | SpeechPaused | SpeechResumed | SpeechStopped | 
 
 
 class Segmenter:
-    # The open speech region, (re)set by _reset_region.
-    _active: bool
-    _confirmed: bool
+    # The open utterance, (re)set by _reset_region. Where its speech starts and ends is the
+    # turn detector's under server VAD; without it the whole audio is speech.
     _index: int
     _audio: list[npt.NDArray[np.float32]]
     _audio_start_ms: int
-    _onset_ms: int
-    _last_speech_end_ms: int
-    _silence_run_ms: int
-    _peeked_pause: bool  # SpeechPaused already sent from a peek, not yet confirmed by a window
 
     def __init__(self, options: SegmenterOptions) -> None:
         self.options = options
         self._clock_ms = 0
         self._next_index = 0
-        pre_roll_windows = -(-options.prefix_padding_ms // WINDOW_MS)
-        self._ring: deque[npt.NDArray[np.float32]] = deque(maxlen=pre_roll_windows)
+        self._turns = TurnDetector(options.turns)
+        self._ring: deque[npt.NDArray[np.float32]] = deque(maxlen=self._pre_roll_windows())
         self._reset_region()
 
     @property
@@ -147,22 +140,22 @@ class Segmenter:
     @property
     def in_speech(self) -> bool:
         """True between ``speech_started`` and ``speech_stopped``."""
-        return self._confirmed
+        return self._turns.confirmed
 
     @property
     def open_index(self) -> int:
         """Index of the confirmed open utterance, or -1."""
-        return self._index if self._confirmed else -1
+        return self._index if self._turns.confirmed else -1
 
     @property
     def paused(self) -> bool:
         """Inside confirmed speech, but in a silence that may become its end."""
-        return self._confirmed and (self._silence_run_ms > 0 or self._peeked_pause)
+        return self._turns.paused
 
     @property
     def can_pause(self) -> bool:
         """Confirmed speech under server VAD, not paused yet: what a ``peek`` may pause."""
-        return self.options.turn_detection and self._confirmed and not self.paused
+        return self.options.turn_detection and self._turns.confirmed and not self.paused
 
     def open_audio(self) -> npt.NDArray[np.float32]:
         """The open utterance's audio so far (pre-roll included), for interim decodes."""
@@ -173,39 +166,39 @@ class Segmenter:
         events: list[SegmenterEvent] = []
         if options.turn_detection != self.options.turn_detection:
             # Switching modes ends whatever the old mode had open rather than mixing rules.
-            events = self._finish("commit") if self._has_audio() else []
+            events = self._finish_open("commit") if self._audio else []
             self._reset_region()
+            # Manual mode pushes no probabilities: the turn windows restart at the call's.
+            self._turns = TurnDetector(options.turns, position=self._clock_ms // WINDOW_MS)
         self.options = options
-        pre_roll_windows = -(-options.prefix_padding_ms // WINDOW_MS)
-        self._ring = deque(self._ring, maxlen=pre_roll_windows)
+        self._turns.options = options.turns
+        self._ring = deque(self._ring, maxlen=self._pre_roll_windows())
         return events
 
     def push(self, window: npt.NDArray[np.float32], probability: float) -> list[SegmenterEvent]:
         """Feed one 32 ms window and its speech probability; returns what it completes."""
         if len(window) != WINDOW_SAMPLES:
             raise ValueError(f"expected {WINDOW_SAMPLES} samples, got {len(window)}")
-        t0 = self._clock_ms
         self._clock_ms += WINDOW_MS
         if not self.options.turn_detection:
-            return self._push_manual(window, t0)
-        return self._push_vad(window, probability, t0)
+            return self._push_manual(window)
+        return self._push_vad(window, probability)
 
     def peek(self, probability: float, tail: npt.NDArray[np.float32]) -> list[SegmenterEvent]:
         """A look at ``tail``, the samples since the last whole window (``probability`` from
         ``VadStream.peek``): if confirmed speech already sounds silent there, pause now rather
         than when the window completes, up to 32 ms later. The next whole window confirms the
         pause (no second ``SpeechPaused``) or resumes speech (``SpeechResumed``)."""
-        if not self.can_pause or probability >= self.options.neg_threshold:
+        if not self.options.turn_detection or not self._turns.peek(probability):
             return []
-        self._peeked_pause = True
         at_ms = self._clock_ms + len(tail) * WINDOW_MS // WINDOW_SAMPLES
         return [SpeechPaused(self._index, np.concatenate([*self._audio, tail]), at_ms)]
 
     def commit(self) -> list[SegmenterEvent]:
         """Cut now (``input_audio_buffer.commit``). Empty list when there is nothing to cut."""
-        if not self._has_audio() or (self.options.turn_detection and not self._confirmed):
+        if not self._audio or (self.options.turn_detection and not self._turns.confirmed):
             return []
-        return self._finish("commit")
+        return self._finish_open("commit")
 
     def clear(self) -> None:
         """Drop the open utterance and the pre-roll (``input_audio_buffer.clear``)."""
@@ -214,77 +207,67 @@ class Segmenter:
 
     def flush(self) -> list[SegmenterEvent]:
         """End of the call: hand over whatever speech is open so no word is lost."""
-        if not self._has_audio() or (self.options.turn_detection and not self._confirmed):
+        if not self._audio or (self.options.turn_detection and not self._turns.confirmed):
             return []
-        return self._finish("end_of_call")
+        return self._finish_open("end_of_call")
 
     # -- internals ---------------------------------------------------------------------
 
-    def _push_manual(self, window: npt.NDArray[np.float32], t0: int) -> list[SegmenterEvent]:
+    def _push_manual(self, window: npt.NDArray[np.float32]) -> list[SegmenterEvent]:
         if not self._audio:
-            self._audio_start_ms = t0
-            self._onset_ms = t0
+            self._audio_start_ms = self._clock_ms - WINDOW_MS
         self._audio.append(window)
-        self._last_speech_end_ms = self._clock_ms
         if self._full():
-            return self._finish("max_length")
+            return self._finish_open("max_length")
         return []
 
     def _push_vad(
-        self, window: npt.NDArray[np.float32], probability: float, t0: int
+        self, window: npt.NDArray[np.float32], probability: float
     ) -> list[SegmenterEvent]:
-        opts = self.options
-        events: list[SegmenterEvent] = []
-        if not self._active:
-            if probability < opts.threshold:
-                self._ring.append(window)
-                return events
-            self._active = True
-            self._onset_ms = t0
+        was_open = self._turns.open
+        turns = self._turns.push(probability)
+        if not was_open and not turns:
+            self._ring.append(window)
+            return []
+        if not was_open:  # this window opened a region: the pre-roll goes in front of it
             self._audio = list(self._ring)
-            self._audio_start_ms = t0 - WINDOW_MS * len(self._ring)
+            self._audio_start_ms = self._clock_ms - WINDOW_MS * (len(self._ring) + 1)
             self._ring.clear()
-            self._silence_run_ms = 0
         self._audio.append(window)
-        if probability >= opts.neg_threshold:
-            if self.paused:
-                events.append(SpeechResumed(self._index))
-            self._last_speech_end_ms = self._clock_ms
-            self._silence_run_ms = 0
-            self._peeked_pause = False
-        else:
-            self._silence_run_ms += WINDOW_MS
-            if (
-                self._confirmed
-                and self._silence_run_ms == WINDOW_MS
-                and self._silence_run_ms < opts.min_silence_ms
-                and not self._peeked_pause
-            ):
-                events.append(SpeechPaused(self._index, self.open_audio(), self._clock_ms))
-        if not self._confirmed and self._last_speech_end_ms - self._onset_ms >= opts.min_speech_ms:
-            self._confirmed = True
-            self._index = self._next_index
-            self._next_index += 1
-            events.append(SpeechStarted(self._index, self._onset_ms))
-        if self._silence_run_ms >= opts.min_silence_ms:
-            if self._confirmed:
-                events.extend(self._finish("silence"))
-            else:
-                # A blip shorter than min_speech_ms: never announced, its audio becomes
-                # pre-roll for whatever comes next.
-                for w in self._audio:
-                    self._ring.append(w)
-                self._reset_region()
-        elif self._confirmed and self._full():
-            events.extend(self._finish("max_length"))
+        events: list[SegmenterEvent] = []
+        for turn in turns:
+            match turn:
+                case Resumed():
+                    events.append(SpeechResumed(self._index))
+                case Paused():
+                    events.append(SpeechPaused(self._index, self.open_audio(), self._clock_ms))
+                case Started(start):
+                    self._index = self._next_index
+                    self._next_index += 1
+                    events.append(SpeechStarted(self._index, start * WINDOW_MS))
+                case Ended(start, end):
+                    events.extend(self._finish("silence", start * WINDOW_MS, end * WINDOW_MS))
+                case Dropped():
+                    # A blip shorter than min_speech_ms: never announced, its audio becomes
+                    # pre-roll for whatever comes next.
+                    self._ring.extend(self._audio)
+                    self._reset_region()
+        if self._turns.confirmed and self._full():
+            events.extend(self._finish_open("max_length"))
         return events
 
-    def _finish(self, cut: Cut) -> list[SegmenterEvent]:
+    def _finish_open(self, cut: Cut) -> list[SegmenterEvent]:
+        """Cut the open utterance now: its speech so far (all its audio without server VAD)."""
+        if not self.options.turn_detection:
+            return self._finish(cut, self._audio_start_ms, self._clock_ms)
+        end = self._clock_ms if cut == "max_length" else self._turns.speech_end * WINDOW_MS
+        return self._finish(cut, self._turns.start * WINDOW_MS, end)
+
+    def _finish(self, cut: Cut, start_ms: int, end_ms: int) -> list[SegmenterEvent]:
         events: list[SegmenterEvent] = []
         if self._index < 0:
             self._index = self._next_index
             self._next_index += 1
-        end_ms = self._clock_ms if cut == "max_length" else self._last_speech_end_ms
         if self.options.turn_detection:
             events.append(SpeechStopped(self._index, end_ms, self._clock_ms))
         audio = np.concatenate(self._audio) if self._audio else np.zeros(0, np.float32)
@@ -293,7 +276,7 @@ class Segmenter:
                 index=self._index,
                 audio=audio.astype(np.float32, copy=False),
                 audio_start_ms=self._audio_start_ms,
-                start_ms=self._onset_ms,
+                start_ms=start_ms,
                 end_ms=end_ms,
                 cut=cut,
             )
@@ -306,16 +289,11 @@ class Segmenter:
         reject audio even one window longer than their 30 s input."""
         return self._clock_ms - self._audio_start_ms + WINDOW_MS > self.options.max_utterance_ms
 
-    def _has_audio(self) -> bool:
-        return bool(self._audio)
+    def _pre_roll_windows(self) -> int:
+        return -(-self.options.prefix_padding_ms // WINDOW_MS)
 
     def _reset_region(self) -> None:
-        self._active = False
-        self._confirmed = False
+        self._turns.reset()
         self._index = -1
         self._audio = []
         self._audio_start_ms = 0
-        self._onset_ms = 0
-        self._last_speech_end_ms = 0
-        self._silence_run_ms = 0
-        self._peeked_pause = False

@@ -481,19 +481,19 @@ class TranscriptionSession:
             )
         return True
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> events.SessionObject:
         """The ``session`` object of ``session.created`` / ``session.updated``: the GA
         transcription-session fields and, beside them, the beta ones."""
         o = self._options
-        turn: dict[str, Any] | None = None
+        turn: events.TurnDetectionObject | None = None
         if o.turn_detection:
             turn = {
                 "type": "server_vad",
-                "threshold": o.threshold,
+                "threshold": o.turns.threshold,
                 "prefix_padding_ms": o.prefix_padding_ms,
-                "silence_duration_ms": o.min_silence_ms,
+                "silence_duration_ms": o.turns.min_silence_ms,
             }
-        transcription: dict[str, Any] = {
+        transcription: events.TranscriptionObject = {
             "model": self._deps.worker.engine.name,
             "language": self._items.language,
             "prompt": self._items.prompt or "",
@@ -522,10 +522,10 @@ class TranscriptionSession:
 
     # -- events out ------------------------------------------------------------------------
 
-    def _send(self, event: events.Event) -> None:
-        if self.carriage.event_fields:
-            event.update(self.carriage.event_fields)
-        text = json.dumps(event, ensure_ascii=False)
+    def _send(self, event: events.ServerEvent) -> None:
+        # A phone call's events carry its call_sid and track, after the event's own fields.
+        fields = self.carriage.event_fields
+        text = json.dumps({**event, **fields} if fields else event, ensure_ascii=False)
         sink = self._sink
         if sink is None:
             if len(self._outbox) == self._outbox.maxlen:

@@ -32,7 +32,6 @@ from agent import events
 from agent.detector import DetectorEvent
 from agent.engines.base import EngineStream, Samples, StreamingEngine, StreamText
 from agent.errors import EngineError
-from agent.items import engine_lag
 from agent.observer import CallObserver
 from agent.segmenter import SpeechStarted, SpeechStopped, Utterance
 
@@ -149,7 +148,7 @@ class StreamItems:
                 self._emit(item, events.transcription_delta(item.item_id, update.text))
             if update.lag_ms > self._engine.frame_ms and not item.lag_sent:
                 item.lag_sent = True  # not held: it says the engine is late, not what was said
-                self._send(engine_lag(item.item_id, update.lag_ms, int(update.lag_ms // 80)))
+                self._send(events.engine_lag(item.item_id, update.lag_ms, int(update.lag_ms // 80)))
         self.decoded_ms = max(self.decoded_ms, update.end_ms)
         self._complete_ready()
         if update.done:
@@ -263,7 +262,7 @@ class StreamItems:
     def _complete(self, item: _Item) -> None:
         assert item.end_ms is not None
         server_ms = (time.perf_counter() - (item.committed_at or time.perf_counter())) * 1000
-        timings = {
+        timings: events.Timings = {
             "speech_end_ms": float(item.end_ms),
             "delay_ms": float(self.delay_ms),
             "server_ms": server_ms,

@@ -69,7 +69,7 @@ from bench.latency import (
     run_phase,
     transport_order,
 )
-from signaling.client import read_audio
+from voxtral_rtc_client import read_audio
 
 LAG = "voxtral_rtc_audio_lag_seconds"
 

@@ -31,7 +31,7 @@ import yaml
 
 from agent.config import ENV_PREFIX, Config, load_config
 from agent.errors import ConfigError
-from tests.conftest import normalise
+from voxtral_rtc_client.text import normalise
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"

@@ -89,7 +89,7 @@ from bench.latency import (
     pooled_wer,
     run_phase,
 )
-from signaling.client import read_audio
+from voxtral_rtc_client import read_audio
 
 LAYOUTS = ("inprocess", "remote")
 #: Which process a layout's calls go to.

@@ -91,8 +91,8 @@ from bench.socket_clients import (
     WsAudio,
     WsClient,
 )
-from signaling.client import ArrayAudioTrack, RealtimeClient, ReceivedEvent, read_audio
-from tests.conftest import normalise
+from voxtral_rtc_client import ArrayAudioTrack, RealtimeClient, ReceivedEvent, read_audio
+from voxtral_rtc_client.text import normalise
 
 EV = "conversation.item.input_audio_transcription"
 CLOSE_TIMEOUT_S = 10.0

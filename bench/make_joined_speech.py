@@ -22,8 +22,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.audio_file import read_audio
-from tests.conftest import BECKETT, BECKETT_PHRASES, BECKETT_REGIONS
-from tests.integration.test_streaming import phrases_without_pauses
+from bench.speech import BECKETT, BECKETT_PHRASES, BECKETT_REGIONS
+from voxtral_rtc_client.audio import without_pauses
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="WAV file to write (16 kHz mono s16)")
     parser.add_argument("--seconds", type=float, default=20.0, help="speech length (default 20)")
     args = parser.parse_args()
-    audio = phrases_without_pauses(read_audio(BECKETT), args.seconds)
+    audio = without_pauses(read_audio(BECKETT), BECKETT_REGIONS, args.seconds)
     pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
     with wave.open(str(args.out), "wb") as wav:
         wav.setnchannels(1)

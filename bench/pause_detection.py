@@ -49,7 +49,7 @@ from bench.common import (
     shown_path,
     summarize,
 )
-from signaling.client import FRAME_MS, read_audio
+from voxtral_rtc_client import FRAME_MS, read_audio
 
 Samples = npt.NDArray[np.float32]
 FRAME = SAMPLE_RATE * FRAME_MS // 1000
@@ -184,8 +184,8 @@ def main(argv: list[str] | None = None) -> None:
             "# Pause detection (bench/pause_detection.py)",
             "",
             f"- audio: {shown_path(args.audio)} ({audio_s:.2f} s with 1 s of silence after), "
-            f"via {source}; VAD Silero, threshold {options.threshold}, silence below "
-            f"{options.neg_threshold:.2f}, hangover {options.min_silence_ms} ms",
+            f"via {source}; VAD Silero, threshold {options.turns.threshold}, silence below "
+            f"{options.turns.neg_threshold:.2f}, hangover {options.turns.min_silence_ms} ms",
             "",
             markdown_table(
                 (

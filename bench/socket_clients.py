@@ -1,6 +1,6 @@
 """The benchmark's WebSocket clients: ``/v1/realtime`` sessions and Twilio phone streams.
 
-Both are shaped like ``signaling.client.RealtimeClient`` for ``bench/latency.py``
+Both are shaped like ``voxtral_rtc_client.RealtimeClient`` for ``bench/latency.py``
 (``connect``, ``received``, ``next_event``, ``close``) and are their own send clock
 (``started_at``: when the first chunk of audio left; ``max_lateness_ms``). Both send the
 file's chunks paced by the clock (chunk ``k`` when ``started_at + k x chunk`` is due), then
@@ -10,7 +10,7 @@ stamps every event on arrival.
 - ``WsClient``: ``/v1/realtime?intent=transcription``, session defaults (pcm16 24 kHz,
   server VAD), ``input_audio_buffer.append`` of ``chunk_ms``; events on the same socket.
 - ``TwilioClient``: ``/v1/twilio/media-stream`` spoken to exactly as Twilio speaks
-  (``tests/twilio_simulator.py``'s ``TwilioStream`` builds every message: ``connected``,
+  (``voxtral_rtc_client/twilio.py``'s ``TwilioStream`` builds every message: ``connected``,
   ``start`` with one ``inbound`` track, 20 ms ``media`` of 8 kHz mu-law from PyAV, ``stop``),
   and the call's events read by a subscriber on ``/v1/calls/{callSid}/events``: the clock
   that matters is the subscriber's, where a voice agent would read the transcripts.
@@ -29,8 +29,8 @@ import aiohttp
 import av
 import numpy as np
 
-from signaling.client import ReceivedEvent
-from tests.twilio_simulator import CHUNK_BYTES, CHUNK_MS, MULAW_SILENCE, TwilioStream, mulaw_8k
+from voxtral_rtc_client import ReceivedEvent
+from voxtral_rtc_client.twilio import CHUNK_BYTES, CHUNK_MS, MULAW_SILENCE, TwilioStream, mulaw_8k
 
 CONNECT_TIMEOUT_S = 30.0
 #: ``/v1/realtime``'s default input format: pcm16 mono at 24 kHz.

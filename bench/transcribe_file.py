@@ -42,10 +42,10 @@ from agent.engines.worker import EngineWorker
 from agent.file_transcriber import FileTranscriber, TranscribeOptions
 from agent.vad import create_vad
 from bench.common import REPO_ROOT, machine_info, markdown_table, save_results
-from tests.audio_files import wav_bytes
-from tests.conftest import BECKETT_PHRASES, normalise
+from bench.speech import BECKETT, BECKETT_PHRASES
+from voxtral_rtc_client.audio import wav_bytes
+from voxtral_rtc_client.text import normalise
 
-BECKETT = REPO_ROOT / "tests" / "data" / "beckett.wav"
 FILES = {"gaps": (8, (1.0, 3.0, 6.0, 10.0)), "dense": (12, (0.4, 1.0, 1.6))}
 MODES = {"packed": False, "per_phrase": True}
 

@@ -39,6 +39,6 @@ bash scripts/client_venvs.sh
 # agent package sets this too, the export covers the client venvs' own processes.
 export ORT_DISABLE_TELEMETRY=1
 
-.venv/bin/ruff check agent signaling tests bench
+.venv/bin/ruff check agent signaling voxtral_rtc_client tests bench
 .venv/bin/mypy
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

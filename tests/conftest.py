@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import re
+import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -12,35 +12,21 @@ import pytest
 
 from agent.config import Config, load_config
 from agent.engines.base import Engine
+from voxtral_rtc_client.text import normalise
+
+__all__ = ["BECKETT", "BECKETT_PHRASES", "BECKETT_REGIONS", "normalise"]
 
 DATA = Path(__file__).parent / "data"
 BECKETT = DATA / "beckett.wav"
-BECKETT_PHRASES = [
-    "ever tried",
-    "ever failed",
-    "no matter",
-    "try again",
-    "fail again",
-    "fail better",
-]
+_BECKETT_FACTS = json.loads((DATA / "beckett.json").read_text())  # the benchmarks read it too
+BECKETT_PHRASES: list[str] = _BECKETT_FACTS["phrases"]
 #: Silero speech regions of beckett.wav in seconds (../shared/audio/README.md).
-BECKETT_REGIONS = [
-    (0.35, 1.22),
-    (1.89, 2.82),
-    (3.52, 4.19),
-    (4.90, 5.60),
-    (6.66, 7.39),
-    (8.16, 8.90),
-]
-
-
-def normalise(text: str) -> str:
-    return " ".join(re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split())
+BECKETT_REGIONS: list[tuple[float, float]] = [(a, b) for a, b in _BECKETT_FACTS["regions"]]
 
 
 @pytest.fixture(scope="session")
 def beckett_audio() -> npt.NDArray[np.float32]:
-    from signaling.client import read_audio
+    from agent.audio_file import read_audio
 
     return read_audio(BECKETT)
 

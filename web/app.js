@@ -287,12 +287,19 @@ function setInterim(item, text) {
   });
 }
 
-function completeItem(item, msg, arrivedAt) {
+function completeItem(itemId, msg, arrivedAt) {
+  const text = (msg.transcript ?? "").trim();
+  if (!text) {
+    // A breath or a click the VAD took for speech: the server completes the item (the
+    // protocol needs it) with nothing in it, and nothing was said, so no row and no latency.
+    dropItem(itemId);
+    return;
+  }
+  const item = getItem(itemId);
   withAutoScroll(() => {
-    item.final.textContent = (msg.transcript ?? "").trim();
+    item.final.textContent = text;
     item.interim.textContent = "";
     item.interimText = "";
-    if (!item.final.textContent) item.el.classList.add("is-empty");
     setItemStatus(item, "final");
   });
   const t = msg.timings || {};
@@ -315,6 +322,15 @@ function completeItem(item, msg, arrivedAt) {
     .join("\n");
   item.latency.hidden = false;
   if (serverDetail) item.el.title = serverDetail;
+}
+
+/** Forgets an item that turned out to hold no utterance (its completed is its last event). */
+function dropItem(itemId) {
+  const item = items.get(itemId);
+  if (!item) return;
+  withAutoScroll(() => item.el.remove());
+  items.delete(itemId);
+  refreshListChrome();
 }
 
 function failItem(item, error) {
@@ -377,7 +393,7 @@ function onEvent(msg) {
       break;
     }
     case "conversation.item.input_audio_transcription.completed":
-      completeItem(getItem(msg.item_id), msg, now);
+      completeItem(msg.item_id, msg, now);
       break;
     case "conversation.item.input_audio_transcription.failed":
       failItem(getItem(msg.item_id), msg.error);

@@ -27,12 +27,12 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from agent.clock import SYSTEM_CLOCK, Clock, wait_for
 from agent.config import EngineConfig
 from agent.engines.base import (
     AsyncEngine,
@@ -63,8 +63,9 @@ class _Job:
     request: EngineRequest
     future: asyncio.Future[Transcription]
     priority: Priority
+    #: The worker clock's time when it was queued.
+    submitted: float
     started: asyncio.Event | None = None
-    submitted: float = field(default_factory=time.perf_counter)
 
 
 class EngineWorker:
@@ -75,9 +76,12 @@ class EngineWorker:
         engine: Engine | AsyncEngine,
         config: EngineConfig,
         executor: ThreadPoolExecutor | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.engine = engine
         self._config = config
+        #: Batch waits, stale interims, the watchdog and every timing read this clock.
+        self.clock = clock
         if isinstance(engine, AsyncEngine):
             self.lanes = max(1, engine.max_concurrency)
             self.max_batch = 1
@@ -109,7 +113,10 @@ class EngineWorker:
 
     @classmethod
     async def start(
-        cls, config: EngineConfig, engine: Engine | AsyncEngine | None = None
+        cls,
+        config: EngineConfig,
+        engine: Engine | AsyncEngine | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> EngineWorker:
         """Load (unless given) and warm up the engine on its thread, then serve."""
         loop = asyncio.get_running_loop()
@@ -121,12 +128,12 @@ class EngineWorker:
                 engine = await loop.run_in_executor(executor, create_engine, config)
             if isinstance(engine, AsyncEngine):
                 executor.shutdown(wait=True)  # idle: its threads are for blocking engines
-                return await cls._start_async(engine, config)
+                return await cls._start_async(engine, config, clock)
             await loop.run_in_executor(executor, engine.warmup)
         except BaseException:
             executor.shutdown(wait=False)
             raise
-        worker = cls(engine, config, executor)
+        worker = cls(engine, config, executor, clock)
         worker._tasks = [
             asyncio.create_task(
                 worker._lane(finals_only=worker.lanes > 1 and i == 0), name=f"engine-lane-{i}"
@@ -136,9 +143,11 @@ class EngineWorker:
         return worker
 
     @classmethod
-    async def _start_async(cls, engine: AsyncEngine, config: EngineConfig) -> EngineWorker:
+    async def _start_async(
+        cls, engine: AsyncEngine, config: EngineConfig, clock: Clock
+    ) -> EngineWorker:
         await engine.start()
-        worker = cls(engine, config)
+        worker = cls(engine, config, clock=clock)
         worker._tasks = [asyncio.create_task(worker._dispatch(), name="engine-dispatch")]
         return worker
 
@@ -155,7 +164,7 @@ class EngineWorker:
     def lag_ms(self) -> float:
         """How long the oldest final still waiting for the engine has waited: 0 when none
         waits, and growing when the engine falls behind real time."""
-        now = time.perf_counter()
+        now = self.clock.now()
         for job in self._queues[Priority.FINAL]:
             if not job.future.done():
                 return (now - job.submitted) * 1000
@@ -182,7 +191,8 @@ class EngineWorker:
                 self.skipped_interims += 1
                 raise EngineError("interim skipped: the engine is busy", "interim_skipped")
             raise EngineError("the engine queue is full", code="queue_full")
-        job = _Job(request, asyncio.get_running_loop().create_future(), priority, started)
+        future = asyncio.get_running_loop().create_future()
+        job = _Job(request, future, priority, self.clock.now(), started)
         self._queues[priority].append(job)
         async with self._work:
             self._work.notify_all()
@@ -207,7 +217,7 @@ class EngineWorker:
         loop = asyncio.get_running_loop()
         closing = loop.run_in_executor(self._executor, self.engine.close)
         try:
-            await asyncio.wait_for(closing, self._config.watchdog_s)
+            await wait_for(self.clock, closing, self._config.watchdog_s)
         except TimeoutError:
             log.error("the engine did not close within %g s", self._config.watchdog_s)
         # A hung engine thread cannot be joined; waiting for it would hang the shutdown.
@@ -226,14 +236,14 @@ class EngineWorker:
             if self._config.max_wait_ms and self.queue_depth < self.max_batch > 1:
                 # Give other calls' utterances that arrive in the same instant a chance to
                 # share this forward; bounded so a lone utterance is barely delayed.
-                await asyncio.sleep(self._config.max_wait_ms / 1000)
+                await self.clock.sleep(self._config.max_wait_ms / 1000)
             batch = self._take_batch(finals_only)
             if batch:
                 await self._run_batch(loop, batch)
 
     def _take_batch(self, finals_only: bool) -> list[_Job]:
         batch: list[_Job] = []
-        now = time.perf_counter()
+        now = self.clock.now()
         stale_after = self._config.interim_interval_ms / 1000
         for priority in (Priority.FINAL,) if finals_only else tuple(Priority):
             queue = self._queues[priority]
@@ -255,7 +265,7 @@ class EngineWorker:
         return batch
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Job]) -> None:
-        started = time.perf_counter()
+        started = self.clock.now()
         requests = [job.request for job in batch]
         results: Sequence[EngineResult | BaseException]
         try:
@@ -275,7 +285,7 @@ class EngineWorker:
         self, batch: list[_Job], results: Sequence[EngineResult | BaseException], started: float
     ) -> None:
         """Hand each job its text or its error; count them (metrics)."""
-        engine_ms = (time.perf_counter() - started) * 1000
+        engine_ms = (self.clock.now() - started) * 1000
         if self.on_batch is not None:
             self.on_batch(batch[0].priority, len(batch), engine_ms / 1000)
         for job, result in zip(batch, results, strict=True):
@@ -324,7 +334,7 @@ class EngineWorker:
         executor = self._executor
         future = executor.submit(self.engine.transcribe, requests)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), self._config.watchdog_s)
+            return await wait_for(self.clock, asyncio.wrap_future(future), self._config.watchdog_s)
         except TimeoutError:
             self._abandon(executor, future)
             raise EngineError(
@@ -382,7 +392,7 @@ class EngineWorker:
                 job.future.add_done_callback(_stop_if_withdrawn(task))
 
     async def _run_request(self, engine: AsyncEngine, job: _Job) -> None:
-        started = time.perf_counter()
+        started = self.clock.now()
         result: EngineResult | BaseException
         try:
             try:

@@ -278,13 +278,7 @@ class TwilioStream:
     def _dtmf(self, dtmf: twilio_messages.Dtmf) -> None:
         if self.hub is None or self.start is None:
             return
-        event = {
-            "type": DTMF,
-            "event_id": events.new_id("event"),
-            "digit": dtmf.digit,
-            "track": dtmf.track,
-            "call_sid": self.start.call_sid,
-        }
+        event = events.dtmf(dtmf.digit, dtmf.track, self.start.call_sid)
         self.hub.publish(json.dumps(event), DTMF)
 
     def _stop_input(self) -> None:

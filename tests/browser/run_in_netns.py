@@ -205,6 +205,20 @@ TEXT_LOG_JS = """(() => {
   }).observe(document, {subtree: true, childList: true, characterData: true});
 })()"""
 
+# Installed before the page loads: every event the page receives on its data channel, in
+# order, as ``window.eventLog`` (what the server said, to hold the page's rendering against).
+EVENT_LOG_JS = """(() => {
+  window.eventLog = [];
+  const create = RTCPeerConnection.prototype.createDataChannel;
+  RTCPeerConnection.prototype.createDataChannel = function (...args) {
+    const channel = create.apply(this, args);
+    channel.addEventListener('message', (ev) => {
+      try { window.eventLog.push(JSON.parse(ev.data)); } catch (e) { /* not JSON: not ours */ }
+    });
+    return channel;
+  };
+})()"""
+
 PENDING_JS = """() => !document.querySelector(
   '#utterances .utterance[data-status="listening"],'
   + '#utterances .utterance[data-status="transcribing"]')"""
@@ -237,6 +251,7 @@ def drive_browser(
             page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
             page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
             page.add_init_script(TEXT_LOG_JS)
+            page.add_init_script(EVENT_LOG_JS)
             page.set_default_timeout(10_000)
             page.goto(f"{base}/", wait_until="load", timeout=deadline.left(15) * 1000)
             result["title"] = page.title()
@@ -270,6 +285,7 @@ def drive_browser(
             finally:
                 result["page"] = page.evaluate(SNAPSHOT_JS)
                 result["text_log"] = page.evaluate("() => window.textLog")
+                result["events"] = page.evaluate("() => window.eventLog")
                 shot = work_dir / "screenshot.png"
                 page.screenshot(path=str(shot), full_page=True)
                 result["screenshot"] = str(shot)

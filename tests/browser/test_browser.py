@@ -255,7 +255,7 @@ def test_browser_call_over_https(tmp_path: Path) -> None:
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
-    from tests.tls_cert import make_test_cert
+    from tests.support.tls_cert import make_test_cert
 
     cert = make_test_cert(tmp_path / "tls", ["127.0.0.1"])
     wav = tmp_path / "beckett_padded.wav"
@@ -271,3 +271,47 @@ def test_browser_call_over_https(tmp_path: Path) -> None:
     finals = [u["final"] for u in result["page"]["utterances"] if u.get("status") == "final"]
     missing = [w for w in KEYWORDS if w not in words(" ".join(finals))]
     assert not missing, f"missing words {missing} in {finals}\n{detail}"
+
+
+def test_browser_shows_no_row_for_an_empty_final(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clicks before the speech: the server completes their item with an empty transcript (the
+    protocol needs the ``completed``), and the page shows no row and no latency for it.
+
+    The server runs the energy VAD, which takes the clicks for speech as Silero takes a real
+    mouth click or breath (synthetic clicks and buzzes never reach Silero as speech through
+    Chromium's audio processing and Opus: tried); Whisper hears no word in them."""
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from agent.audio_file import read_audio
+    from tests.support.sounds import clicks
+
+    monkeypatch.setenv("VOXTRAL_RTC_VAD__KIND", "energy")  # the helper's server inherits it
+    speech = tmp_path / "clicks_then_speech.wav"
+    audio = np.concatenate([clicks(), np.zeros(24_000), read_audio(BECKETT)])
+    with wave.open(str(speech), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16_000)
+        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    wav = tmp_path / "clicks_then_speech_padded.wav"
+    write_padded_wav(speech, wav)
+    result = run_helper(wav, tmp_path / "run")
+    detail = explain(result)
+    assert result["ok"], f"the call did not produce the expected words\n{detail}"
+
+    events: list[dict[str, Any]] = result.get("events") or []
+    completed = [e for e in events if e["type"].endswith("input_audio_transcription.completed")]
+    empty = {e["item_id"] for e in completed if not e["transcript"].strip()}
+    spoken = {e["item_id"] for e in completed if e["transcript"].strip()}
+    first = next(e for e in events if e["type"] == "input_audio_buffer.speech_started")
+    assert first["item_id"] in empty, f"the clicks did not complete empty: {completed}\n{detail}"
+
+    rows = {u["item_id"]: u for u in (result.get("page") or {}).get("utterances") or []}
+    assert not empty & rows.keys(), f"rows for empty finals: {empty & rows.keys()}\n{detail}"
+    assert len(spoken) >= 3 and spoken <= rows.keys(), detail
+    for item_id in spoken:
+        assert rows[item_id]["final"].strip(), detail
+        assert re.fullmatch(r"\d+ ms|—", rows[item_id]["latency"]), detail

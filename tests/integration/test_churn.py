@@ -21,10 +21,10 @@ import numpy.typing as npt
 from agent.session import TranscriptionSession
 from agent.transports.webrtc import WebRtcCall
 from signaling.app import start_server
-from signaling.client import ArrayAudioTrack, RealtimeClient
 from tests.conftest import make_config
 from tests.integration.test_robustness import COMPLETED, Echo, wait_for
 from tests.integration.vanishing_client import start_talking
+from voxtral_rtc_client import ArrayAudioTrack, RealtimeClient
 
 CALLS = 200
 AT_ONCE = 8

@@ -32,11 +32,11 @@ from agent.config import WebRTCConfig
 from agent.errors import ProtocolError
 from agent.transports.webrtc_peer import rtc_configuration
 from signaling.app import RunningServer, start_server
-from signaling.client import ArrayAudioTrack, RealtimeClient
-from tests.audio_files import wav_bytes
 from tests.conftest import make_config
 from tests.integration.test_robustness import Echo
+from tests.support.audio_files import wav_bytes
 from tests.unit.test_audio_file import AIFF_1HZ, WAV_BOMBS
+from voxtral_rtc_client import ArrayAudioTrack, RealtimeClient
 
 T = TypeVar("T")
 FUZZ = settings(

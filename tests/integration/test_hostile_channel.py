@@ -31,9 +31,9 @@ from agent.transports.webrtc_peer import (
     bound_inbound_messages,
 )
 from signaling.app import RunningServer, start_server
-from signaling.client import ArrayAudioTrack, RealtimeClient
 from tests.conftest import make_config
 from tests.integration.test_robustness import Echo, offer_body, tone, wait_for
+from voxtral_rtc_client import ArrayAudioTrack, RealtimeClient
 
 COMPLETED = "conversation.item.input_audio_transcription.completed"
 #: 200 KB of ``[``: under ``server.max_body_bytes``, far past any sane nesting.

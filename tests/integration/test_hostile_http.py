@@ -17,9 +17,9 @@ from agent.engines.base import Engine
 from agent.file_transcriber import FileTranscriber, TranscribeOptions
 from signaling.app import RunningServer, start_server
 from signaling.transcriptions import FILE_JOBS
-from tests.audio_files import wav_bytes
 from tests.conftest import BECKETT, make_config, normalise
-from tests.engine_gate import CountingEngine
+from tests.support.audio_files import wav_bytes
+from tests.support.engine_gate import CountingEngine
 
 PATH = "/v1/audio/transcriptions"
 

@@ -35,8 +35,8 @@ from agent.decoder_process import DecodeLimits, DecoderPool
 from agent.engines.base import Engine
 from agent.errors import AudioInputError
 from signaling.app import RunningServer, start_server
-from tests.audio_files import encode, wav_bytes
 from tests.conftest import BECKETT, BECKETT_PHRASES, make_config, normalise
+from tests.support.audio_files import encode, wav_bytes
 from tests.unit.test_audio_file import AIFF_1HZ, WAV_BOMBS, lying_mp3
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -20,9 +20,9 @@ from agent.config import WebRTCConfig
 from agent.transports.webrtc_peer import rtc_configuration
 from signaling import routes
 from signaling.app import RunningServer, start_server
-from signaling.client import ArrayAudioTrack, RealtimeClient
 from tests.conftest import make_config
 from tests.integration.test_robustness import Echo, wait_for
+from voxtral_rtc_client import ArrayAudioTrack, RealtimeClient
 
 STUN_COOKIE = b"\x21\x12\xa4\x42"
 ALPHA = "alpha-token-0123456789"

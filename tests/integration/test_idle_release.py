@@ -43,7 +43,7 @@ async def test_killed_client_is_released_and_its_speech_flushed(embedded_engine:
 
 
 async def test_call_that_never_sends_audio_is_released(embedded_engine: Engine) -> None:
-    from signaling.client import RealtimeClient
+    from voxtral_rtc_client import RealtimeClient
 
     server = await start_server(make_config(AUDIO__IDLE_TIMEOUT_S="1"), engine=embedded_engine)
     try:

@@ -11,8 +11,8 @@ import numpy.typing as npt
 from agent.engines.base import Engine, EngineRequest, EngineResult
 from agent.transports.webrtc_peer import ImmediateAudioJitterBuffer
 from signaling.app import RunningServer, start_server
-from signaling.client import ArrayAudioTrack, RealtimeClient
 from tests.conftest import BECKETT_PHRASES, BECKETT_REGIONS, make_config, normalise
+from voxtral_rtc_client import ArrayAudioTrack, RealtimeClient
 
 COMPLETED = "conversation.item.input_audio_transcription.completed"
 DELTA = "conversation.item.input_audio_transcription.delta"

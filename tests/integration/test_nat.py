@@ -1,10 +1,10 @@
-"""Through a real NAT (``tests/netns.py``: namespaces, veth pairs, nftables): a caller behind
-a home router's masquerade calls the server behind a cloud 1:1 NAT whose firewall lets in only
-https and ``webrtc.udp_ports``, once directly (the server announces ``webrtc.public_address``)
-and once only through Debian's coturn with the per-call credentials of ``/api/config``
-(``iceTransportPolicy: "relay"``); with spoiled or expired credentials coturn refuses. The
-server serves https with a certificate made here, and its UDP sockets, read with ``ss`` while
-the calls run, stay in the range.
+"""Through a real NAT (``tests/support/netns.py``: namespaces, veth pairs, nftables): a caller
+behind a home router's masquerade calls the server behind a cloud 1:1 NAT whose firewall lets
+in only https and ``webrtc.udp_ports``, once directly (the server announces
+``webrtc.public_address``) and once only through Debian's coturn with the per-call
+credentials of ``/api/config`` (``iceTransportPolicy: "relay"``); with spoiled or expired
+credentials coturn refuses. The server serves https with a certificate made here, and its UDP
+sockets, read with ``ss`` while the calls run, stay in the range.
 
 Needs root, ``ip``, ``nft`` and ``turnserver`` (scripts/test.sh installs them); skipped
 otherwise. The server is the real ``voxtral-rtc serve`` with the embedded engine.
@@ -28,8 +28,8 @@ import pytest
 from signaling.turn_credentials import turn_rest_credentials
 from tests.browser.run_in_netns import start_server, stop_server, tail
 from tests.browser.test_browser import BECKETT, KEYWORDS, write_padded_wav
-from tests.netns import NatTopology, exec_in, missing_tools, udp_ports_of
-from tests.tls_cert import make_test_cert
+from tests.support.netns import NatTopology, exec_in, missing_tools, udp_ports_of
+from tests.support.tls_cert import make_test_cert
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CALLER = Path(__file__).with_name("nat_caller.py")

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from agent.engines.remote import CAPACITY_HEADER, PRIORITY_HEADER
-from tests.audio_files import wav_bytes
 from tests.conftest import make_config
 from tests.integration.server_process import Servers, metric, metrics
 from tests.integration.test_robustness import Echo
+from tests.support.audio_files import wav_bytes
 
 TOKEN = "priority-token-0123456789"
 BATCHES = "voxtral_rtc_engine_batch_seconds_count"

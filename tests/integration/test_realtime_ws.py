@@ -21,11 +21,12 @@ import pytest
 
 from agent.engines.base import Engine, EngineRequest, EngineResult
 from signaling.app import RunningServer
-from signaling.client import ArrayAudioTrack, RealtimeClient
 from tests.conftest import BECKETT_PHRASES, make_config, normalise
-from tests.engine_gate import CountingEngine
 from tests.integration.server_process import Servers
 from tests.integration.test_robustness import Echo, scrape, wait_for
+from tests.support.engine_gate import CountingEngine
+from tests.support.wire import problems
+from voxtral_rtc_client import ArrayAudioTrack, RealtimeClient
 
 COMPLETED = "conversation.item.input_audio_transcription.completed"
 DELTA = "conversation.item.input_audio_transcription.delta"
@@ -187,6 +188,8 @@ async def test_ga_session_streams_beckett_in_real_time(
         assert len(sock.of_type("input_audio_buffer.speech_started")) == 6
         assert len(sock.of_type("input_audio_buffer.committed")) == 6
         assert not sock.of_type("error")
+        # Everything the server really sent is what the event types say.
+        assert [p for e in sock.received for p in problems(e)] == []
         # Each item's completed leaves before any delta of the next (LiveKit keeps one string).
         seen_done: set[str] = set()
         order = [e["item_id"] for e in completed]

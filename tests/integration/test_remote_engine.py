@@ -18,7 +18,6 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.transports.webrtc_peer import restrict_host_addresses
-from signaling.client import ArrayAudioTrack, RealtimeClient
 from tests.conftest import BECKETT_PHRASES, normalise
 from tests.integration.server_process import (
     LOOPBACK,
@@ -30,6 +29,7 @@ from tests.integration.server_process import (
     metrics,
     readyz,
 )
+from voxtral_rtc_client import ArrayAudioTrack, RealtimeClient
 
 EV = "conversation.item.input_audio_transcription"
 COMPLETED, FAILED = f"{EV}.completed", f"{EV}.failed"

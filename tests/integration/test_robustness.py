@@ -21,8 +21,8 @@ from agent.config import WebRTCConfig
 from agent.engines.base import Engine, EngineRequest, EngineResult
 from agent.transports.webrtc_peer import rtc_configuration
 from signaling.app import RunningServer, start_server
-from signaling.client import ArrayAudioTrack, RealtimeClient
 from tests.conftest import make_config, normalise
+from voxtral_rtc_client import ArrayAudioTrack, RealtimeClient
 
 EV = "conversation.item.input_audio_transcription"
 COMPLETED, FAILED, DELTA, INTERIM = (

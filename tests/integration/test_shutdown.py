@@ -20,7 +20,7 @@ import yaml
 
 from agent.config import ENV_PREFIX
 from agent.transports.webrtc_peer import restrict_host_addresses
-from signaling.client import ArrayAudioTrack, RealtimeClient
+from voxtral_rtc_client import ArrayAudioTrack, RealtimeClient
 
 REPO = Path(__file__).resolve().parents[2]
 GRACE_S = 5.0

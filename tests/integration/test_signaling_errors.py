@@ -86,7 +86,7 @@ async def test_unknown_path_is_json_404(server: RunningServer) -> None:
 async def test_bad_trickle_candidate_for_live_call(server: RunningServer) -> None:
     import numpy as np
 
-    from signaling.client import ArrayAudioTrack, RealtimeClient
+    from voxtral_rtc_client import ArrayAudioTrack, RealtimeClient
 
     async with RealtimeClient(server.url) as client:
         await client.connect(ArrayAudioTrack(np.zeros(16000, np.float32)))

@@ -7,22 +7,19 @@ import numpy.typing as npt
 
 from agent.engines.base import Engine
 from signaling.app import start_server
-from signaling.client import ArrayAudioTrack, RealtimeClient
 from tests.conftest import BECKETT_PHRASES, BECKETT_REGIONS, make_config, normalise
-from tests.engine_gate import CountingEngine, EngineGatedTrack, server_settled
+from tests.support.engine_gate import CountingEngine, EngineGatedTrack, server_settled
+from voxtral_rtc_client import ArrayAudioTrack, RealtimeClient
+from voxtral_rtc_client.audio import without_pauses
 
 DELTA = "conversation.item.input_audio_transcription.delta"
 COMPLETED = "conversation.item.input_audio_transcription.completed"
+STARTED = "input_audio_buffer.speech_started"
 
 
 def phrases_without_pauses(beckett: npt.NDArray[np.float32], seconds: float) -> np.ndarray:
     """The six phrases cut at their speech regions and joined back to back until ``seconds``."""
-    pieces = [beckett[int(a * 16000) : int(b * 16000)] for a, b in BECKETT_REGIONS]
-    out: list[np.ndarray] = []
-    while sum(len(p) for p in out) < seconds * 16000:
-        out.extend(pieces)
-    lead = np.zeros(8000, np.float32)
-    return np.concatenate([lead, *out, np.zeros(16000, np.float32)])
+    return without_pauses(beckett, BECKETT_REGIONS, seconds)
 
 
 async def test_long_utterance_streams_append_only_deltas(
@@ -116,4 +113,10 @@ async def test_interim_event_extension(
         interim = await client.next_event(
             "conversation.item.input_audio_transcription.interim", timeout=30
         )
-        assert isinstance(interim.event["text"], str) and interim.event["item_id"]
+        # A guess at the open item's words: some of beckett's, before the item's final.
+        words = set(normalise(interim.event["text"]).split())
+        assert words & set(" ".join(BECKETT_PHRASES).split()), interim.event
+        before = client.received[: client.received.index(interim)]
+        item_id = interim.event["item_id"]
+        assert item_id in {r.event["item_id"] for r in before if r.type == STARTED}
+        assert item_id not in {r.event["item_id"] for r in before if r.type == COMPLETED}

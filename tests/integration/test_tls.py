@@ -18,7 +18,7 @@ from agent.audio_file import read_audio
 from signaling.app import RunningServer, start_server
 from tests.conftest import BECKETT, make_config
 from tests.integration.test_robustness import Echo
-from tests.tls_cert import SelfSignedCert, make_test_cert
+from tests.support.tls_cert import SelfSignedCert, make_test_cert
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

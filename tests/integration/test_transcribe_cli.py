@@ -15,8 +15,8 @@ import numpy.typing as npt
 import pytest
 
 from signaling.cli import main
-from tests.audio_files import encode, wav_bytes
 from tests.conftest import BECKETT, BECKETT_PHRASES, BECKETT_REGIONS, normalise
+from tests.support.audio_files import encode, wav_bytes
 
 REFERENCE = " ".join(BECKETT_PHRASES)
 

@@ -23,8 +23,8 @@ from agent.engines.base import Engine, EngineRequest, EngineResult
 from signaling.app import RunningServer, start_server
 from signaling.errors import ApiError
 from signaling.transcriptions import FileJobs
-from tests.audio_files import encode, wav_bytes
 from tests.conftest import BECKETT, BECKETT_PHRASES, BECKETT_REGIONS, make_config, normalise
+from tests.support.audio_files import encode, wav_bytes
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -34,7 +34,7 @@ from tests.integration.twilio_support import (
     subscribe,
     ws_url,
 )
-from tests.twilio_simulator import mulaw_8k, sign, silence
+from tests.support.twilio_simulator import mulaw_8k, sign, silence
 
 
 def heard(events: Sequence[dict[str, Any]]) -> list[str]:

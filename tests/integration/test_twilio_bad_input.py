@@ -22,7 +22,7 @@ from tests.integration.twilio_support import (
     open_stream,
     subscribe,
 )
-from tests.twilio_simulator import MULAW_FORMAT, mulaw_8k, silence
+from tests.support.twilio_simulator import MULAW_FORMAT, mulaw_8k, silence
 
 ONE_PHRASE_S = 1.6  # "ever tried", then silence
 

@@ -42,7 +42,7 @@ from tests.integration.twilio_support import (  # noqa: E402
     subscribe,
     ws_url,
 )
-from tests.twilio_simulator import mulaw_8k, sign, silence  # noqa: E402
+from tests.support.twilio_simulator import mulaw_8k, sign, silence  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -21,8 +21,8 @@ pytest.importorskip("mistral_common")
 
 from agent.engines.voxtral_fixture import build_tiny_voxtral
 from signaling.app import start_server
-from signaling.client import ArrayAudioTrack, RealtimeClient
 from tests.conftest import BECKETT, make_config
+from voxtral_rtc_client import ArrayAudioTrack, RealtimeClient
 
 COMPLETED = "conversation.item.input_audio_transcription.completed"
 LIFECYCLE = [

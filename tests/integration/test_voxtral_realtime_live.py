@@ -26,7 +26,6 @@ pytest.importorskip("mistral_common")
 
 from agent.engines.voxtral_realtime_fixture import build_tiny_voxtral_realtime  # noqa: E402
 from signaling.app import RunningServer, start_server  # noqa: E402
-from signaling.client import ArrayAudioTrack, RealtimeClient  # noqa: E402
 from tests.conftest import BECKETT, make_config  # noqa: E402
 from tests.integration.test_realtime_ws import (  # noqa: E402
     TOKEN,
@@ -34,6 +33,7 @@ from tests.integration.test_realtime_ws import (  # noqa: E402
     open_socket,
 )
 from tests.integration.test_robustness import error_of, offer_body  # noqa: E402
+from voxtral_rtc_client import ArrayAudioTrack, RealtimeClient  # noqa: E402
 
 COMPLETED = "conversation.item.input_audio_transcription.completed"
 DELTA = "conversation.item.input_audio_transcription.delta"

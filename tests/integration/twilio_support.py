@@ -16,7 +16,7 @@ from aiohttp import web
 
 from signaling.app import RunningServer
 from tests.integration.test_realtime_ws import Socket
-from tests.twilio_simulator import TwilioStream, sign
+from tests.support.twilio_simulator import TwilioStream, sign
 
 MEDIA_PATH = "/v1/twilio/media-stream"
 COMPLETED = "conversation.item.input_audio_transcription.completed"

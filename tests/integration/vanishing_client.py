@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from agent.transports.webrtc_peer import restrict_host_addresses
-from signaling.client import ArrayAudioTrack, RealtimeClient, read_audio
 from tests.conftest import BECKETT
+from voxtral_rtc_client import ArrayAudioTrack, RealtimeClient, read_audio
 
 REPO = Path(__file__).resolve().parents[2]
 

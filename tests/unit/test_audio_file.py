@@ -32,8 +32,8 @@ from agent.audio_file import (
     sniff_format,
 )
 from agent.errors import AudioInputError
-from tests.audio_files import ENCODINGS, encode, wav_bytes
 from tests.conftest import BECKETT
+from tests.support.audio_files import ENCODINGS, encode, wav_bytes
 
 
 @pytest.mark.parametrize("kind", sorted(ENCODINGS))

@@ -17,6 +17,7 @@ from agent.chunking import (
     split_long_regions,
 )
 from agent.config import SegmenterConfig, VadConfig
+from agent.turns import TurnOptions
 from agent.vad import WINDOW_SAMPLES
 
 W_PER_S = 1000 / 32  # VAD windows per second
@@ -47,7 +48,9 @@ def test_regions_use_hysteresis_and_drop_blips() -> None:
         (1.0, 0.4),  # between the thresholds: speech continues
         (1.0, 0.0),
     )
-    regions = find_speech_regions(probs, ChunkingOptions(min_speech_ms=100, min_silence_ms=200))
+    regions = find_speech_regions(
+        probs, ChunkingOptions(TurnOptions(min_speech_ms=100, min_silence_ms=200))
+    )
     assert regions == [SpeechRegion(at(1.0, 0.064, 1.0), at(1.0, 0.064, 1.0, 1.0, 0.15, 1.0))]
 
 
@@ -62,7 +65,9 @@ def test_silence_plans_nothing() -> None:
 
 
 def test_long_region_is_cut_at_the_longest_pause_near_the_limit() -> None:
-    opts = ChunkingOptions(max_piece_s=10.0, pad_ms=0, lookback_s=4.0, min_silence_ms=300)
+    opts = ChunkingOptions(
+        TurnOptions(min_silence_ms=300), max_piece_s=10.0, pad_ms=0, lookback_s=4.0
+    )
     # 20 s of speech with short pauses (under min_silence) at 5 s, 7 s (longest) and 8.5 s.
     probs = script(
         (5.0, 0.9), (0.1, 0.1), (1.9, 0.9), (0.25, 0.1), (1.25, 0.9), (0.1, 0.1), (11.4, 0.9)
@@ -155,5 +160,6 @@ def test_options_follow_the_live_configuration() -> None:
     opts = ChunkingOptions.from_config(
         VadConfig(threshold=0.6), SegmenterConfig(min_silence_ms=300, max_utterance_s=20)
     )
-    assert opts.threshold == 0.6 and opts.min_silence_ms == 300 and opts.max_piece_s == 20
-    assert opts.neg_threshold == pytest.approx(0.45)
+    assert opts.turns == TurnOptions(threshold=0.6, min_speech_ms=100, min_silence_ms=300)
+    assert opts.max_piece_s == 20
+    assert opts.turns.neg_threshold == pytest.approx(0.45)

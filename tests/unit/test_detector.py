@@ -14,6 +14,7 @@ from agent.segmenter import (
     SpeechStopped,
     Utterance,
 )
+from agent.turns import TurnOptions
 from agent.vad import PEEK_SAMPLES, WINDOW_SAMPLES, VadStream
 
 SPEECH, SILENCE = 0.25, 0.0  # sample values the scripted stream reads as speech / silence
@@ -50,7 +51,7 @@ def speech_then_pause(speech_ms: int, pause_ms: int) -> npt.NDArray[np.float32]:
     )
 
 
-OPTS = SegmenterOptions(prefix_padding_ms=0, min_silence_ms=200)
+OPTS = SegmenterOptions(turns=TurnOptions(min_silence_ms=200), prefix_padding_ms=0)
 
 
 def test_early_pause_comes_from_the_first_silent_chunk_not_the_next_window() -> None:

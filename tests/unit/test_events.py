@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
 from agent import events, json_guard
 from agent.errors import ProtocolError
+from tests.support.wire import problems
 
 
 def roundtrip(event: dict) -> dict:
@@ -197,10 +200,11 @@ def test_error_events_echo_a_short_prefix_of_client_input() -> None:
     with pytest.raises(ProtocolError) as err:
         events.parse_client_event(json.dumps({"type": "session.update", "session": session}))
     assert len(str(err.value)) < 2 * events.ECHO_MAX_CHARS
-    e = events.error("input_audio_buffer_commit_empty", "x" * 10_000, event_id=long, n=5)
+    e = events.error("input_audio_buffer_commit_empty", "x" * 10_000, event_id=long)
     assert len(e["error"]["message"]) == events.ERROR_MESSAGE_MAX_CHARS
     assert e["error"]["event_id"] == "y" * (events.ECHO_MAX_CHARS - 1) + "…"
-    assert e["error"]["n"] == 5
+    with pytest.raises(TypeError):
+        events.error("invalid_value", "fine", n="5")  # an error carries no other field
     short = events.error("invalid_value", "fine", event_id="evt_1")
     assert short["error"] == {
         "type": "invalid_request_error",
@@ -260,3 +264,107 @@ def test_a_larger_limit_for_websocket_messages() -> None:
     with pytest.raises(ProtocolError):
         events.parse_client_event(raw)
     assert isinstance(events.parse_client_event(raw, max_bytes=1 << 20), events.Append)
+
+
+# -- the typed table, the README and what the builders make ----------------------------------
+
+
+def test_the_readme_protocol_table_is_the_event_table() -> None:
+    """Every server event and field the README documents exists, and every one that exists
+    is documented: the section is ``protocol_table()`` (regenerate: python -m agent.events)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    begin = readme.index("<!-- server-events:")
+    section = readme[readme.index("\n", begin) + 1 : readme.index("<!-- /server-events -->")]
+    assert section == events.protocol_table()
+    documented = re.findall(r"^\| `([a-z_.]+)` \|", section, re.M)
+    assert documented == list(events.SERVER_EVENTS)
+    assert all(cls.__doc__ for cls in events.SERVER_EVENTS.values())
+
+
+def built() -> list[dict]:
+    session: events.SessionObject = {
+        "type": "transcription",
+        "id": "sess_1",
+        "object": "realtime.transcription_session",
+        "audio": {
+            "input": {
+                "format": {"type": "audio/pcm", "rate": 24000},
+                "transcription": {"model": "m", "language": None, "prompt": ""},
+                "turn_detection": None,
+                "noise_reduction": None,
+            }
+        },
+        "include": [],
+        "input_audio_format": "pcm16",
+        "input_audio_transcription": {"model": "m", "language": "en", "prompt": ""},
+        "turn_detection": {
+            "type": "server_vad",
+            "threshold": 0.5,
+            "prefix_padding_ms": 300,
+            "silence_duration_ms": 200,
+        },
+        "include_interim": False,
+    }
+    timings: events.Timings = {
+        "speech_end_ms": 1,
+        "vad_ms": 2,
+        "decode_after_ms": 3,
+        "queue_ms": 4,
+        "engine_ms": 5,
+        "server_ms": 6,
+    }
+    return [
+        roundtrip(e)  # type: ignore[arg-type]
+        for e in (
+            events.session_created(session),
+            events.session_updated(session),
+            events.transcription_session_updated(session),
+            events.speech_started("item_1", 350),
+            events.speech_stopped("item_1", 1220),
+            events.committed("item_1", None),
+            events.cleared(),
+            events.transcription_delta("item_1", "Ever"),
+            events.transcription_interim("item_1", "Ever tri"),
+            events.transcription_completed("item_1", "Ever tried.", timings),
+            events.transcription_completed(
+                "item_1", "", timings, language="en", speculative=True, audio_s=1.2
+            ),
+            events.transcription_failed("item_1", "engine_error", "boom"),
+            events.error("invalid_json", "bad"),
+            events.error("invalid_value", "bad", event_id=None),
+            events.engine_lag("item_1", 1234.56, 3),
+            events.dtmf("5", "inbound_track", "CA1"),
+        )
+    ]
+
+
+def test_every_builder_makes_an_event_of_its_type() -> None:
+    made = built()
+    assert {e["type"] for e in made} == set(events.SERVER_EVENTS)  # every type is built
+    for e in made:
+        assert problems(e) == [], e
+
+
+def test_the_type_check_finds_what_the_types_forbid() -> None:
+    started = roundtrip(events.speech_started("item_1", 350))
+    assert problems({**started, "audio_start_ms": "350"})  # a string where a number goes
+    assert problems({k: v for k, v in started.items() if k != "item_id"})  # missing
+    assert problems({**started, "surprise": 1})  # a field no type has
+    assert problems({**started, "type": "input_audio_buffer.speech_begun"})  # no such event
+    assert problems({**started, "call_sid": "CA1", "track": "inbound"}) == []  # phone calls
+    done = roundtrip(events.transcription_completed("i", "x", built()[9]["timings"]))
+    assert problems({**done, "timings": {**done["timings"], "vad_ms": None}})
+
+
+def test_every_client_event_type_parses_to_its_class() -> None:
+    messages = {
+        "session.update": (events.SessionUpdate, {"session": {}}),
+        "transcription_session.update": (events.SessionUpdate, {"session": {}}),
+        "input_audio_buffer.append": (events.Append, {"audio": ""}),
+        "input_audio_buffer.commit": (events.Commit, {}),
+        "input_audio_buffer.clear": (events.Clear, {}),
+    }
+    assert set(messages) == set(events.CLIENT_EVENTS)
+    for type_, (cls, body) in messages.items():
+        parsed = events.parse_client_event(json.dumps({"type": type_, **body}))
+        assert type(parsed) is cls is events.CLIENT_EVENTS[type_]

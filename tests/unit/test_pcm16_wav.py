@@ -12,7 +12,7 @@ import pytest
 from agent.audio_file import decode_audio, read_pcm16_wav
 from agent.audio_formats import pcm16_wav
 from agent.errors import AudioInputError
-from tests.audio_files import encode
+from tests.support.audio_files import encode
 
 
 def speechlike(seconds: float = 1.0) -> np.ndarray:

@@ -16,12 +16,11 @@ from agent.segmenter import (
     SpeechStopped,
     Utterance,
 )
+from agent.turns import TurnOptions
 from agent.vad import WINDOW_MS, WINDOW_SAMPLES
 
 OPTS = SegmenterOptions(
-    threshold=0.5,
-    min_speech_ms=100,
-    min_silence_ms=200,
+    turns=TurnOptions(threshold=0.5, min_speech_ms=100, min_silence_ms=200),
     prefix_padding_ms=300,
     max_utterance_ms=30_000,
 )
@@ -169,7 +168,7 @@ def test_clear_drops_open_speech() -> None:
 
 def test_update_changes_hangover() -> None:
     seg = Segmenter(OPTS)
-    seg.update(SegmenterOptions(min_silence_ms=500))
+    seg.update(SegmenterOptions(turns=TurnOptions(min_silence_ms=500)))
     evs = []
     for p in [0.9] * 10 + [0.0] * 10:  # 320 ms of silence < 500 ms
         evs += seg.push(np.zeros(WINDOW_SAMPLES, np.float32), p)

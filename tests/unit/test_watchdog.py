@@ -1,10 +1,10 @@
-"""The engine worker's watchdog and lag figure, with fake engines."""
+"""The engine worker's watchdog and lag figure, with fake engines on a hand-moved clock: the
+watchdog fires when the test moves the clock past it, while the engine thread really hangs."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -14,16 +14,16 @@ from agent.config import EngineConfig
 from agent.engines.base import Engine, EngineRequest, EngineResult
 from agent.engines.worker import EngineWorker, Priority
 from agent.errors import EngineError
+from tests.support.clock import REAL_TIMEOUT_S, ManualClock, until
 
 
 class HangsOnce(Engine):
-    """The first call blocks until released (or ``hang_s``); later calls answer at once."""
+    """The first call blocks until released; later calls answer at once."""
 
     name = "hangs-once"
 
-    def __init__(self, hang_s: float = 10.0) -> None:
+    def __init__(self) -> None:
         self.release = threading.Event()
-        self.hang_s = hang_s
         self.calls = 0
         self.threads: list[int] = []
 
@@ -34,7 +34,7 @@ class HangsOnce(Engine):
         self.calls += 1
         self.threads.append(threading.get_ident())
         if self.calls == 1:
-            self.release.wait(self.hang_s)
+            assert self.release.wait(REAL_TIMEOUT_S), "the test never released the engine"
         return [EngineResult("ok") for _ in batch]
 
 
@@ -43,46 +43,51 @@ def request() -> EngineRequest:
 
 
 async def test_a_hung_call_fails_with_engine_timeout_and_a_new_thread_serves() -> None:
+    clock = ManualClock()
     engine = HangsOnce()
     cfg = EngineConfig(lanes=1, max_wait_ms=0, watchdog_s=0.3)
     batches: list[tuple[Priority, int, float]] = []
-    worker = await EngineWorker.start(cfg, engine)
+    worker = await EngineWorker.start(cfg, engine, clock)
     worker.on_batch = lambda p, n, s: batches.append((p, n, s))
     try:
-        t0 = time.perf_counter()
-        results = await asyncio.gather(
+        both = asyncio.gather(
             worker.transcribe(request()), worker.transcribe(request()), return_exceptions=True
         )
-        assert time.perf_counter() - t0 < 2
+        await until(lambda: engine.calls == 1 and clock.sleeping == 1, "the call on the engine")
+        await clock.advance(0.29)
+        assert not both.done()  # the watchdog has not fired yet
+        await clock.advance(0.01)
+        results = await both
         # Both were in the hung batch: both fail, without a one-by-one retry that would hang.
         assert all(isinstance(r, EngineError) and r.code == "engine_timeout" for r in results)
         assert engine.calls == 1
         assert worker.timeouts == 1 and worker.degraded and worker.failed == 2
-        ok = await asyncio.wait_for(worker.transcribe(request()), 2)
+        ok = await worker.transcribe(request())  # while the first thread still hangs
         assert ok.text == "ok"
         assert engine.threads[0] != engine.threads[1]  # a fresh thread took over
         engine.release.set()  # the hung call returns at last: no longer degraded
-        for _ in range(100):
-            if not worker.degraded:
-                break
-            await asyncio.sleep(0.01)
-        assert not worker.degraded
+        await until(lambda: not worker.degraded, "the hung call's return")
         assert [(p, n) for p, n, _ in batches] == [(Priority.FINAL, 2), (Priority.FINAL, 1)]
+        assert batches[0][2] == pytest.approx(0.3)  # the hung batch's engine time
     finally:
         engine.release.set()
         await worker.close()
 
 
 async def test_lag_is_the_wait_of_the_oldest_queued_final() -> None:
-    engine = HangsOnce(hang_s=0.6)
-    worker = await EngineWorker.start(EngineConfig(lanes=1, max_wait_ms=0), engine)
+    clock = ManualClock()
+    engine = HangsOnce()
+    worker = await EngineWorker.start(EngineConfig(lanes=1, max_wait_ms=0), engine, clock)
     try:
         assert worker.lag_ms() == 0.0
-        first = asyncio.ensure_future(worker.transcribe(request()))  # runs, hangs 0.6 s
-        await asyncio.sleep(0.05)
+        first = asyncio.ensure_future(worker.transcribe(request()))  # runs, held
+        await until(lambda: engine.calls == 1)
+        assert worker.lag_ms() == 0.0  # running is not waiting
         second = asyncio.ensure_future(worker.transcribe(request()))  # waits behind it
-        await asyncio.sleep(0.3)
-        assert 250 <= worker.lag_ms() <= 600
+        await until(lambda: worker.queue_depth == 1)
+        await clock.advance(0.3)
+        assert worker.lag_ms() == pytest.approx(300)
+        engine.release.set()
         await asyncio.gather(first, second)
         assert worker.lag_ms() == 0.0
     finally:
@@ -92,14 +97,22 @@ async def test_lag_is_the_wait_of_the_oldest_queued_final() -> None:
 
 @pytest.mark.parametrize("hung", [False, True])
 async def test_close_never_waits_for_a_hung_thread(hung: bool) -> None:
-    engine = HangsOnce(hang_s=3.0)
-    worker = await EngineWorker.start(EngineConfig(lanes=1, max_wait_ms=0, watchdog_s=0.2), engine)
+    clock = ManualClock()
+    engine = HangsOnce()
+    cfg = EngineConfig(lanes=1, max_wait_ms=0, watchdog_s=0.2)
+    worker = await EngineWorker.start(cfg, engine, clock)
     if hung:
+        call = asyncio.ensure_future(worker.transcribe(request()))
+        await until(lambda: clock.sleeping == 1)
+        await clock.advance(0.2)
         with pytest.raises(EngineError):
-            await worker.transcribe(request())
-    t0 = time.perf_counter()
-    await worker.close()
-    assert time.perf_counter() - t0 < 1
+            await call
+    closing = asyncio.ensure_future(worker.close())
+    # No clock moves: nothing in close waits on the hung thread (a fresh pool closes the
+    # engine); had it joined the thread, the loop itself would block here.
+    await until(closing.done, "close")
+    await closing
+    assert engine.calls == int(hung) and not engine.release.is_set()
     engine.release.set()
 
 
@@ -119,19 +132,24 @@ class BatchFailsThenHangs(Engine):
         if len(batch) > 1:
             raise ValueError("bad batch")
         self.singles += 1
-        self.release.wait(5)
+        assert self.release.wait(REAL_TIMEOUT_S), "the test never released the engine"
         return [EngineResult("late")]
 
 
 async def test_one_by_one_retry_stops_feeding_a_hung_engine() -> None:
+    clock = ManualClock()
     engine = BatchFailsThenHangs()
-    worker = await EngineWorker.start(EngineConfig(lanes=1, max_wait_ms=20, watchdog_s=0.3), engine)
+    cfg = EngineConfig(lanes=1, max_wait_ms=20, watchdog_s=0.3)
+    worker = await EngineWorker.start(cfg, engine, clock)
     try:
-        t0 = time.perf_counter()
-        results = await asyncio.gather(
+        calls = asyncio.gather(
             *(worker.transcribe(request()) for _ in range(3)), return_exceptions=True
         )
-        assert time.perf_counter() - t0 < 1.0  # one watchdog period, not three
+        await until(lambda: worker.queue_depth == 3 and clock.sleeping == 1)
+        await clock.advance(0.02)  # the batch wait: one batch of three, which raises
+        await until(lambda: engine.singles == 1 and clock.sleeping == 1, "the first retry")
+        await clock.advance(0.3)  # one watchdog period, not three
+        results = await calls
         assert all(isinstance(r, EngineError) and r.code == "engine_timeout" for r in results)
         assert engine.singles == 1
     finally:

@@ -1,19 +1,20 @@
-"""The engine worker with fake engines: batching, priorities, skipped interims, bounds."""
+"""The engine worker with fake engines on a hand-moved clock: batching, priorities, skipped
+interims, bounds. The engine's calls wait at gates the test opens, so each test steps through
+the worker's states in order on any machine."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
-from collections.abc import Sequence
 
 import numpy as np
 import pytest
 
 from agent.config import EngineConfig
-from agent.engines.base import Engine, EngineRequest, EngineResult
+from agent.engines.base import EngineRequest
 from agent.engines.worker import EngineWorker, Priority
 from agent.errors import EngineError
+from tests.support.clock import ManualClock, until
+from tests.support.engine_gate import GatedEngine
 
 
 def audio(tag: int, seconds: float = 0.1) -> np.ndarray:
@@ -23,122 +24,119 @@ def audio(tag: int, seconds: float = 0.1) -> np.ndarray:
     return a
 
 
-class SlowEcho(Engine):
-    """Echoes each request's tag after ``delay`` s per call; records the batches it saw."""
-
-    name = "slow-echo"
-
-    def __init__(self, delay: float, lanes: int = 1) -> None:
-        self.delay = delay
-        self.max_lanes = lanes
-        self.batches: list[list[int]] = []
-        self.lock = threading.Lock()
-
-    def warmup(self) -> None:
-        pass
-
-    def transcribe(self, batch: Sequence[EngineRequest]) -> list[EngineResult]:
-        tags = [int(r.audio[0]) for r in batch]
-        with self.lock:
-            self.batches.append(tags)
-        if any(t < 0 for t in tags):
-            raise ValueError(f"bad item {tags}")
-        time.sleep(self.delay)
-        return [EngineResult(f"t{t}") for t in tags]
+def echo(tag: int) -> str:
+    if tag < 0:
+        raise ValueError(f"bad item {tag}")
+    return f"t{tag}"
 
 
-async def start(engine: Engine, **kw: int) -> EngineWorker:
+async def start(engine: GatedEngine, clock: ManualClock, **kw: int) -> EngineWorker:
     cfg = EngineConfig(**{"max_batch": 8, "max_wait_ms": 5, "lanes": 1, **kw})
-    return await EngineWorker.start(cfg, engine)
+    return await EngineWorker.start(cfg, engine, clock)
 
 
-async def test_concurrent_requests_share_one_batch() -> None:
-    engine = SlowEcho(0.05)
-    worker = await start(engine)
+def submit(worker: EngineWorker, tag: int, priority: Priority = Priority.FINAL) -> asyncio.Task:
+    return asyncio.ensure_future(worker.transcribe(EngineRequest(audio(tag)), priority))
+
+
+async def test_requests_within_the_batch_wait_share_one_batch() -> None:
+    clock = ManualClock()
+    engine = GatedEngine(echo)
+    worker = await start(engine, clock)
     try:
-        results = await asyncio.gather(
-            *(worker.transcribe(EngineRequest(audio(i))) for i in range(1, 6))
-        )
+        first = submit(worker, 1)
+        await until(lambda: clock.sleeping == 1, "the lane waiting to fill a batch")
+        rest = [submit(worker, i) for i in range(2, 6)]
+        await until(lambda: worker.queue_depth == 5)
+        await clock.advance(0.004)
+        assert engine.batches == []  # still within max_wait_ms
+        await clock.advance(0.001)
+        results = await asyncio.gather(first, *rest)
         assert [r.text for r in results] == ["t1", "t2", "t3", "t4", "t5"]
         assert engine.batches == [[1, 2, 3, 4, 5]]
-        assert all(r.batch_size == 5 for r in results)
+        assert [(r.batch_size, r.queue_ms) for r in results] == [(5, pytest.approx(5.0))] * 5
     finally:
         await worker.close()
 
 
 async def test_bad_item_fails_alone() -> None:
-    engine = SlowEcho(0.0)
-    worker = await start(engine)
+    clock = ManualClock()
+    engine = GatedEngine(echo)
+    worker = await start(engine, clock)
     try:
-        results = await asyncio.gather(
-            *(worker.transcribe(EngineRequest(audio(t))) for t in (1, -2, 3)),
-            return_exceptions=True,
-        )
+        tasks = [submit(worker, t) for t in (1, -2, 3)]
+        await until(lambda: clock.sleeping == 1 and worker.queue_depth == 3)
+        await clock.advance(0.005)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
         assert isinstance(results[1], EngineError) and "bad item" in str(results[1])
         assert [r.text for r in (results[0], results[2])] == ["t1", "t3"]  # type: ignore[union-attr]
+        assert engine.batches == [[1, -2, 3], [1], [-2], [3]]  # the batch, then one by one
         assert worker.failed == 1 and worker.completed == 2
     finally:
         await worker.close()
 
 
 async def test_finals_go_first_and_stale_interims_are_skipped() -> None:
-    engine = SlowEcho(0.2)
-    worker = await start(engine, max_batch=1, interim_interval_ms=300)
+    clock = ManualClock()
+    engine = GatedEngine(echo, gated=[100])
+    worker = await start(engine, clock, max_batch=1, interim_interval_ms=300)
     try:
-        # Occupy the engine, then queue interims before finals.
-        busy = asyncio.ensure_future(worker.transcribe(EngineRequest(audio(100))))
-        await asyncio.sleep(0.05)
-        interims = [
-            asyncio.ensure_future(
-                worker.transcribe(EngineRequest(audio(200 + i)), Priority.INTERIM)
-            )
-            for i in range(3)
-        ]
-        finals = [
-            asyncio.ensure_future(worker.transcribe(EngineRequest(audio(300 + i))))
-            for i in range(3)
-        ]
+        busy = submit(worker, 100)
+        await engine.reached(100)  # the engine is busy; interims queue before finals
+        interims = [submit(worker, 200 + i, Priority.INTERIM) for i in range(3)]
+        fresh = submit(worker, 250, Priority.INTERIM)
+        finals = [submit(worker, 300 + i) for i in range(3)]
+        await until(lambda: worker.queue_depth == 7)
+        await clock.advance(0.3)
+        late = submit(worker, 260, Priority.INTERIM)  # queued now: 300 ms younger
+        await clock.advance(0.0001)  # the first interims waited over 300 ms
+        engine.open(100)
         await asyncio.gather(busy, *finals)
-        done = await asyncio.gather(*interims, return_exceptions=True)
+        done = await asyncio.gather(*interims, fresh, late, return_exceptions=True)
         order = [b[0] for b in engine.batches]
-        assert order[:4] == [100, 300, 301, 302]  # finals overtake the earlier interims
-        # By then the interims waited > 300 ms: skipped, counted, never decoded.
-        assert all(isinstance(d, EngineError) and d.code == "interim_skipped" for d in done)
-        assert worker.skipped_interims == 3
-        assert not {200, 201, 202} & set(order)
+        assert order == [100, 300, 301, 302, 260]  # finals overtake the earlier interims
+        # The interims that waited > 300 ms: skipped, counted, never decoded.
+        assert all(isinstance(d, EngineError) and d.code == "interim_skipped" for d in done[:4])
+        assert done[4].text == "t260"  # type: ignore[union-attr]
+        assert worker.skipped_interims == 4
     finally:
         await worker.close()
 
 
 async def test_queue_is_bounded_and_interims_refused_first() -> None:
-    engine = SlowEcho(0.3)
-    worker = await start(engine, max_batch=1, max_queue=2)
+    clock = ManualClock()
+    engine = GatedEngine(echo, gated=[1])
+    worker = await start(engine, clock, max_batch=1, max_queue=2)
     try:
-        busy = asyncio.ensure_future(worker.transcribe(EngineRequest(audio(1))))
-        await asyncio.sleep(0.05)
-        queued = [asyncio.ensure_future(worker.transcribe(EngineRequest(audio(i)))) for i in (2, 3)]
-        await asyncio.sleep(0)
+        busy = submit(worker, 1)
+        await engine.reached(1)
+        queued = [submit(worker, i) for i in (2, 3)]
+        await until(lambda: worker.queue_depth == 2)
         with pytest.raises(EngineError) as interim:
             await worker.transcribe(EngineRequest(audio(4)), Priority.INTERIM)
         assert interim.value.code == "interim_skipped"
         with pytest.raises(EngineError) as final:
             await worker.transcribe(EngineRequest(audio(5)))
         assert final.value.code == "queue_full"
+        engine.open(1)
         await asyncio.gather(busy, *queued)
         assert worker.skipped_interims == 1
+        assert [b[0] for b in engine.batches] == [1, 2, 3]
     finally:
         await worker.close()
 
 
 async def test_withdrawn_request_is_never_decoded() -> None:
-    engine = SlowEcho(0.2)
-    worker = await start(engine, max_batch=1)
+    clock = ManualClock()
+    engine = GatedEngine(echo, gated=[1])
+    worker = await start(engine, clock, max_batch=1)
     try:
-        busy = asyncio.ensure_future(worker.transcribe(EngineRequest(audio(1))))
-        await asyncio.sleep(0.05)
-        withdrawn = asyncio.ensure_future(worker.transcribe(EngineRequest(audio(2))))
-        await asyncio.sleep(0.01)
+        busy = submit(worker, 1)
+        await engine.reached(1)
+        withdrawn = submit(worker, 2)
+        await until(lambda: worker.queue_depth == 1)
         withdrawn.cancel()
+        engine.open(1)
         await busy
         await worker.transcribe(EngineRequest(audio(3)))
         assert [b[0] for b in engine.batches] == [1, 3]
@@ -147,31 +145,30 @@ async def test_withdrawn_request_is_never_decoded() -> None:
 
 
 async def test_second_lane_keeps_finals_free_of_interims() -> None:
-    engine = SlowEcho(0.3, lanes=2)
-    worker = await start(engine, max_batch=1, lanes=2)
+    clock = ManualClock()
+    engine = GatedEngine(echo, gated=[7], lanes=2)
+    worker = await start(engine, clock, max_batch=1, lanes=2)
     try:
         assert worker.lanes == 2
-        interim = asyncio.ensure_future(
-            worker.transcribe(EngineRequest(audio(7)), Priority.INTERIM)
-        )
-        await asyncio.sleep(0.05)  # the interim is running on lane 1
-        started = time.perf_counter()
-        await worker.transcribe(EngineRequest(audio(8)))
-        waited = time.perf_counter() - started
-        assert waited < 0.3 + 0.2  # ran beside the interim, not after it
+        interim = submit(worker, 7, Priority.INTERIM)
+        await engine.reached(7)  # the interim holds lane 1 until its gate opens
+        final = await worker.transcribe(EngineRequest(audio(8)))  # lane 0, beside it
+        assert final.text == "t8" and not interim.done()
+        engine.open(7)
         assert (await interim).text == "t7"
     finally:
         await worker.close()
 
 
 async def test_live_finals_before_file_pieces_before_interims() -> None:
-    engine = SlowEcho(0.1)
-    worker = await start(engine, max_batch=1, interim_interval_ms=5000)
+    clock = ManualClock()
+    engine = GatedEngine(echo, gated=[1])
+    worker = await start(engine, clock, max_batch=1, interim_interval_ms=5000)
     try:
-        busy = asyncio.ensure_future(worker.transcribe(EngineRequest(audio(1))))
-        await asyncio.sleep(0.03)
+        busy = submit(worker, 1)
+        await engine.reached(1)
         queued = [
-            asyncio.ensure_future(worker.transcribe(EngineRequest(audio(tag)), prio))
+            submit(worker, tag, prio)
             for tag, prio in (
                 (30, Priority.INTERIM),
                 (20, Priority.FILE),
@@ -179,6 +176,8 @@ async def test_live_finals_before_file_pieces_before_interims() -> None:
                 (21, Priority.FILE),
             )
         ]
+        await until(lambda: worker.queue_depth == 4)
+        engine.open(1)
         await asyncio.gather(busy, *queued)
         assert [b[0] for b in engine.batches] == [1, 10, 20, 21, 30]
     finally:
@@ -186,15 +185,22 @@ async def test_live_finals_before_file_pieces_before_interims() -> None:
 
 
 async def test_engine_that_loops_over_items_gets_batches_of_one() -> None:
-    engine = SlowEcho(0.05)
+    clock = ManualClock()
+    engine = GatedEngine(echo, gated=[1, 2, 3])
     engine.max_batch = 1  # like the embedded Whisper engine
-    worker = await start(engine, max_batch=8)
+    worker = await start(engine, clock, max_batch=8)
     try:
-        results = await asyncio.gather(
-            *(worker.transcribe(EngineRequest(audio(i))) for i in range(1, 4))
-        )
+        tasks = [submit(worker, i) for i in (1, 2, 3)]
+        for i in (1, 2, 3):
+            await engine.reached(i)
+            await clock.advance(0.05)  # each call takes 50 ms of the worker's clock
+            engine.open(i)
+        results = await asyncio.gather(*tasks)
         assert engine.batches == [[1], [2], [3]]
-        # Each item reports its own engine time, not a whole batch's.
-        assert all(r.batch_size == 1 and r.engine_ms < 150 for r in results)
+        # Each item reports its own engine time, not a whole batch's, and waited for the
+        # calls before it.
+        assert [r.batch_size for r in results] == [1, 1, 1]
+        assert [r.engine_ms for r in results] == pytest.approx([50, 50, 50])
+        assert [r.queue_ms for r in results] == pytest.approx([0, 50, 100])
     finally:
         await worker.close()

@@ -1,5 +1,6 @@
 """Tests that must not depend on how fast the machine is: an engine wrapper that tells
-when the engine is busy, and an audio track that waits for the server to keep up.
+when the engine is busy, an audio track that waits for the server to keep up, and a fake
+engine whose calls wait at gates the test opens.
 
 A live test that plays audio in real time gets fewer interim decodes on a loaded box (an
 interim due while the last one still runs is skipped), so a count of deltas would depend
@@ -13,14 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import av
 import numpy as np
 import numpy.typing as npt
 
 from agent.engines.base import Engine, EngineRequest, EngineResult
-from signaling.client import ArrayAudioTrack
+from voxtral_rtc_client import ArrayAudioTrack
 
 #: Longest wait at one gate: a server that never catches up fails the test, not hangs it.
 GATE_TIMEOUT_S = 60.0
@@ -110,3 +111,83 @@ def server_settled(server: object, engine: CountingEngine) -> Callable[[float], 
         )
 
     return settled
+
+
+def tag(request: EngineRequest) -> int:
+    """A request's key: its first sample (tests write a number there)."""
+    return int(request.audio[0])
+
+
+def length_ms(request: EngineRequest) -> int:
+    """A request's key: its audio length in ms."""
+    return len(request.audio) // 16
+
+
+class GatedEngine(Engine):
+    """Answers ``answer(key)`` for each request of a call: at once, or, for the keys in
+    ``gated``, only once the test opens their gate. Tells the test on its event loop which
+    keys the engine has begun, so a test steps through an engine's states instead of
+    sleeping while they happen. Built inside the test's event loop."""
+
+    name = "gated"
+
+    def __init__(
+        self,
+        answer: Callable[[int], str],
+        key: Callable[[EngineRequest], int] = tag,
+        gated: Iterable[int] = (),
+        lanes: int = 1,
+    ) -> None:
+        self.answer = answer
+        self.key = key
+        self.max_lanes = lanes
+        self.batches: list[list[int]] = []
+        self._gates = {k: threading.Event() for k in gated}
+        self._lock = threading.Lock()
+        self._loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
+        self._done: list[int] = []
+
+    @property
+    def begun(self) -> list[int]:
+        """Keys the engine has begun, in order."""
+        with self._lock:
+            return [k for batch in self.batches for k in batch]
+
+    @property
+    def finished(self) -> list[int]:
+        """Keys the engine has answered (or failed), in order."""
+        with self._lock:
+            return list(self._done)
+
+    def warmup(self) -> None:
+        pass
+
+    def open(self, *keys: int) -> None:
+        for k in keys:
+            self._gates[k].set()
+
+    def transcribe(self, batch: Sequence[EngineRequest]) -> list[EngineResult]:
+        keys = [self.key(r) for r in batch]
+        with self._lock:
+            self.batches.append(keys)
+        self._loop.call_soon_threadsafe(self._changed.set)
+        try:
+            for k in keys:
+                gate = self._gates.get(k)
+                if gate is not None and not gate.wait(GATE_TIMEOUT_S):
+                    raise TimeoutError(f"the test never opened the gate of {k}")
+            return [EngineResult(self.answer(k)) for k in keys]
+        finally:
+            with self._lock:
+                self._done.extend(keys)
+            self._loop.call_soon_threadsafe(self._changed.set)
+
+    async def reached(self, key: int, done: bool = False) -> None:
+        """Until the engine has begun (``done``: answered) ``key``."""
+        seen = (lambda: key in self.finished) if done else (lambda: key in self.begun)
+        while not seen():
+            self._changed.clear()
+            if seen():
+                break
+            await asyncio.wait_for(self._changed.wait(), GATE_TIMEOUT_S)

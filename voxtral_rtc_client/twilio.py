@@ -1,4 +1,5 @@
-"""A Twilio Media Stream as Twilio sends it, for the tests (no Twilio account, no network).
+"""A Twilio Media Stream as Twilio sends it: a client of the server's Twilio endpoint without
+Twilio (tests and benchmarks; no account, no network).
 
 Messages exactly as Twilio documents them (Media Streams - WebSocket Messages): ``connected``,
 ``start`` (``streamSid``, ``callSid``, ``accountSid``, ``tracks``, ``customParameters``,
@@ -6,8 +7,7 @@ Messages exactly as Twilio documents them (Media Streams - WebSocket Messages): 
 ``timestamp``, base64 ``payload`` of 20 ms), ``dtmf``, ``mark``, ``stop``; every number a
 string, as Twilio sends them (``mediaFormat``'s are numbers, as in Twilio's examples). The
 mu-law comes from PyAV's (FFmpeg's) ``pcm_mulaw`` encoder, so the server's decoding table is
-checked against another implementation. Signatures are made with the real ``twilio``
-package.
+checked against another implementation.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import aiohttp
 import av
 import numpy as np
 import numpy.typing as npt
-from twilio.request_validator import RequestValidator
 
 #: 20 ms of 8 kHz mu-law, as Twilio sends it.
 CHUNK_BYTES = 160
@@ -53,11 +52,6 @@ def silence(seconds: float) -> bytes:
 
 def sid(prefix: str) -> str:
     return prefix + uuid.uuid4().hex
-
-
-def sign(auth_token: str, url: str, params: Mapping[str, str] | None = None) -> str:
-    """``X-Twilio-Signature`` as Twilio computes it (the ``twilio`` package's own code)."""
-    return str(RequestValidator(auth_token).compute_signature(url, dict(params or {})))
 
 
 class TwilioStream:

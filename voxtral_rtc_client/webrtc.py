@@ -10,6 +10,7 @@ import asyncio
 import fractions
 import json
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,16 +18,26 @@ import aiohttp
 import av
 import numpy as np
 import numpy.typing as npt
-from aiortc import RTCDataChannel, RTCPeerConnection
+from aiortc import (
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from agent.audio_file import read_audio
-from agent.config import WebRTCConfig
-from agent.transports.webrtc_peer import rtc_configuration
-
 FRAME_MS = 20
+COMPLETED = "conversation.item.input_audio_transcription.completed"
 
-__all__ = ["ArrayAudioTrack", "RealtimeClient", "ReceivedEvent", "read_audio"]
+__all__ = [
+    "COMPLETED",
+    "FRAME_MS",
+    "ArrayAudioTrack",
+    "RealtimeClient",
+    "ReceivedEvent",
+    "utterances",
+]
 
 
 class ArrayAudioTrack(MediaStreamTrack):
@@ -92,12 +103,17 @@ class RealtimeClient:
     """One call to the server. ``async with RealtimeClient(url) as c: await c.connect(track)``."""
 
     def __init__(
-        self, base_url: str, webrtc: WebRTCConfig | None = None, token: str | None = None
+        self,
+        base_url: str,
+        ice_servers: Sequence[RTCIceServer] = (),
+        token: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         #: Bearer token for servers with ``server.auth_tokens`` set.
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.pc = RTCPeerConnection(configuration=rtc_configuration(webrtc or WebRTCConfig()))
+        # An explicit list, even empty: given None, aiortc would ask Google's STUN server.
+        config = RTCConfiguration(iceServers=list(ice_servers))
+        self.pc = RTCPeerConnection(configuration=config)
         self.channel: RTCDataChannel | None = None
         self.pc_id: str | None = None
         self.events: asyncio.Queue[ReceivedEvent] = asyncio.Queue()
@@ -136,8 +152,6 @@ class RealtimeClient:
                 if resp.status != 200:
                     raise RuntimeError(f"offer refused: {resp.status} {body}")
         self.pc_id = body["pc_id"]
-        from aiortc import RTCSessionDescription
-
         await self.pc.setRemoteDescription(RTCSessionDescription(body["sdp"], body["type"]))
         await asyncio.wait_for(self._opened.wait(), 20)
 
@@ -162,5 +176,20 @@ class RealtimeClient:
     def of_type(self, type_: str) -> list[dict[str, Any]]:
         return [r.event for r in self.received if r.type == type_]
 
+    def utterances(self) -> list[dict[str, Any]]:
+        """The ``completed`` events that hold words, in arrival order (see ``utterances``)."""
+        return utterances(self.received)
+
     async def close(self) -> None:
         await self.pc.close()
+
+
+def utterances(received: Iterable[ReceivedEvent]) -> list[dict[str, Any]]:
+    """What was said: the ``completed`` events with a transcript, in arrival order. A
+    ``completed`` with an empty transcript closes an item the VAD opened on a breath or a
+    click; the server must send it (the protocol closes every item), but it is no utterance."""
+    return [
+        r.event
+        for r in received
+        if r.type == COMPLETED and str(r.event.get("transcript") or "").strip()
+    ]
