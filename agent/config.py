@@ -288,15 +288,25 @@ class EngineConfig:
     temperature: float = 0.0
     #: Threads the embedded engine's CTranslate2 backend uses.
     cpu_threads: int = 1
+    #: Embedded engine: encode each utterance on its length plus 1 s (``fit``) or on
+    #: Whisper's fixed 30 s (``full``, faster-whisper's way: ~6x the CPU per decode).
+    encoder_window: Literal["fit", "full"] = "fit"
     #: Most utterances decoded in one forward, and longest wait to fill a batch.
     max_batch: int = 8
     max_wait_ms: int = 5
     #: Utterances waiting for the engine beyond this are failed at once (``queue_full``).
     max_queue: int = 256
     #: Re-transcribe an open utterance this often for live deltas; 0 turns interims off.
-    interim_interval_ms: int = 500
+    interim_interval_ms: int = 300
+    #: ...but one item's interims take at most this share of the time: after a hypothesis
+    #: that took d s the next waits d / share s (the first two excepted); 0 = no bound.
+    interim_share: float = 0.05
     #: Start the final decode when silence begins, before the hangover confirms the end.
     speculative_final: bool = True
+    #: ... once the silence has lasted this long: the short dips between words then cost no
+    #: decode (a decode cannot be stopped once the engine has it), and the final still
+    #: starts well inside the hangover (``segmenter.min_silence_ms``).
+    speculative_hold_ms: int = 64
     #: Engine calls run in parallel (each its own thread). The embedded CPU engine keeps one
     #: model replica per lane so a final never waits behind an interim; GPU engines batch
     #: instead and use one lane whatever this says.
@@ -328,6 +338,12 @@ class EngineConfig:
             "engine.interim_interval_ms",
             "must be 0 (off) or 100..10000",
         )
+        _check(
+            0 <= self.speculative_hold_ms <= 2000,
+            "engine.speculative_hold_ms",
+            "must be 0..2000",
+        )
+        _check(0 <= self.interim_share <= 1, "engine.interim_share", "must be 0..1")
         _check(1 <= self.lanes <= 16, "engine.lanes", "must be 1..16")
         _check(0 < self.watchdog_s <= 3600, "engine.watchdog_s", "must be in (0, 3600]")
         _check(

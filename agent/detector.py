@@ -1,10 +1,10 @@
 """Speech detection for one call: chunks of samples -> 32 ms windows -> VAD -> segmenter.
 
-With ``speculative`` on, every pause starts a speculative final decode, so the detector
-listens for pauses between windows too: each chunk that leaves a partial window gets a VAD
-look (``VadStream.peek``) at the newest 32 ms while speech is open, and the segmenter pauses
-as soon as the silence is heard rather than when the next whole window completes (one more
-VAD step per chunk, only during speech). A pause's decode is also a hypothesis of the audio
+With ``speculative`` on, every pause starts a speculative final decode, and with ``peek``
+too the detector listens for pauses between windows: each chunk that leaves a partial window
+gets a VAD look (``VadStream.peek``) at the newest 32 ms while speech is open, and the
+segmenter pauses as soon as the silence is heard rather than when the next whole window
+completes (one more VAD step per chunk, only during speech). A pause's decode is also a hypothesis of the audio
 so far, so it counts as the interim: the next ``InterimDue`` comes an interval after it.
 
 Synchronous and I/O-free like the parts it joins; the session runs it on a worker thread so
@@ -46,13 +46,16 @@ class SpeechDetector:
         options: SegmenterOptions,
         interim_interval_ms: int = 0,
         speculative: bool = False,
+        peek: bool = True,
     ) -> None:
         self.vad = vad
         self.segmenter = Segmenter(options)
         #: 0 turns interims off.
         self.interim_interval_ms = interim_interval_ms
-        #: Pauses start speculative decodes: look for them between windows.
+        #: Pauses start speculative decodes (and count as that interval's interim)...
         self.speculative = speculative
+        #: ...and are looked for between windows too.
+        self.peek = speculative and peek
         self._pending = np.zeros(0, dtype=np.float32)
         self._recent = np.zeros(PEEK_SAMPLES, dtype=np.float32)  # newest samples, for looks
         self._last_interim_ms = 0
@@ -70,7 +73,7 @@ class SpeechDetector:
         self._pending = buf[n_windows * WINDOW_SAMPLES :].copy()
         self._recent = np.concatenate([self._recent, samples])[-PEEK_SAMPLES:]
         seg = self.segmenter
-        if self.speculative and len(self._pending) and seg.can_pause:
+        if self.peek and len(self._pending) and seg.can_pause:
             found = seg.peek(self.vad.peek(self._recent), self._pending)
             events.extend(found)
             self._restart_interval(found)

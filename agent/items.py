@@ -55,6 +55,10 @@ LAG_NOTICE_S = 1.0
 #: this long (three VAD windows) before its own decode goes on the engine.
 HOLD_S = 0.096
 ENGINE_LAG = "voxtral.engine_lag"
+#: Until its first delta, an item's interims go at the detector's pace (for up to this many
+#: hypotheses): the agreement needs two that agree, and the first words are the ones a
+#: listener waits for. After that, ``interim_share`` spaces them.
+EAGER_HYPOTHESES = 4
 
 
 @dataclass(eq=False)
@@ -66,6 +70,8 @@ class _Item:
     speculation_ms: int = 0  # audio time of the pause that started ``speculation``
     speculation_started: asyncio.Event = field(default_factory=asyncio.Event)  # on the engine
     withdrawn: asyncio.Task[Transcription] | None = None  # the last withdrawn speculation
+    hypotheses: int = 0  # interim results fed to the agreement
+    next_interim_at: float = 0.0  # the clock's time before which no interim starts
     finalising: bool = False
     stopped_at: float | None = None
     decided_ms: int | None = None
@@ -99,10 +105,17 @@ class ItemPipeline:
         self.language: str | None = None
         self.prompt: str | None = None
         self.include_interim = False
+        #: Interims of one item take at most this share of the time (the engine's share of a
+        #: core on the embedded engine): after a hypothesis that took ``d`` s of engine time,
+        #: the next starts ``d / share`` s after it began (``EAGER_HYPOTHESES`` excepted).
+        #: 0: no bound.
+        self.interim_share = 0.0
         #: With interims off there are no deltas at all, not even the final's.
         self.deltas = True
         #: Decode on the first silence instead of waiting for the hangover.
         self.speculative = True
+        #: A pause must last this long before its speculative decode goes on the engine.
+        self.speculative_hold_s = 0.0
         self.utterances = 0
         self.speculations_reused = 0
         self.speculations_dropped = 0
@@ -180,8 +193,8 @@ class ItemPipeline:
                 break  # the new first item still speaks: its next events go out directly
             self._turns.popleft()
 
-    def _request(self, audio: Any) -> EngineRequest:
-        return EngineRequest(audio, language=self.language, prompt=self.prompt)
+    def _request(self, audio: Any, draft: bool = False) -> EngineRequest:
+        return EngineRequest(audio, language=self.language, prompt=self.prompt, draft=draft)
 
     # -- interims -----------------------------------------------------------------------
 
@@ -191,7 +204,14 @@ class ItemPipeline:
             # One hypothesis in flight per call (an interim or a withdrawn speculation): a
             # slow engine just gets fewer, and the other lane stays free for the final.
             return
-        decode = self._worker.transcribe(self._request(due.audio), Priority.INTERIM)
+        eager = not item.agreement.committed and item.hypotheses < EAGER_HYPOTHESES
+        if not eager and self._clock.now() < item.next_interim_at:
+            # Each interim re-decodes the whole utterance so far, so its cost grows with the
+            # utterance: spacing them by their own measured time bounds a call's interim CPU
+            # (and backs off by itself when the engine is loaded and decodes slow down).
+            return
+        request = self._request(due.audio, draft=True)
+        decode = self._worker.transcribe(request, Priority.INTERIM)
         item.interim = self._spawn(self._run_interim(item, decode))
 
     async def _run_interim(self, item: _Item, decode: Awaitable[Transcription]) -> None:
@@ -199,8 +219,13 @@ class ItemPipeline:
             result = await decode
         except EngineError:
             return  # skipped under load or failed: the final is what counts
+        if self.interim_share > 0:
+            # Its engine time (longer when the engine is loaded) sets the next one's start.
+            spent_s = result.engine_ms / 1000
+            item.next_interim_at = self._clock.now() + spent_s * (1 / self.interim_share - 1)
         if item.finalising:
             return  # the final already owns this item's text
+        item.hypotheses += 1
         delta = item.agreement.update(result.text)
         if delta:
             self._emit(item, events.transcription_delta(item.item_id, delta))
@@ -217,11 +242,14 @@ class ItemPipeline:
         request = self._request(pause.audio)
         item.speculation_started = started = asyncio.Event()
         # Each pause decodes the whole utterance so far, and a decode cannot be stopped once
-        # the engine has it. In long speech the short gaps between phrases would stack such
-        # decodes on every lane and the real end's final would queue behind them; so while
-        # an earlier withdrawn one still runs, a pause must last a few windows first: a gap
-        # is over by then, an end is not. Short utterances never wait.
-        hold_s = HOLD_S if _running(item.withdrawn) else 0.0
+        # the engine has it. Read speech dips under the VAD threshold between many words;
+        # decoding each dip cost more CPU than all the finals (docs/benchmarks.md), so a
+        # pause must last ``speculative_hold_s`` first: a dip is over by then, an end is
+        # not. While an earlier withdrawn one still runs, at least ``HOLD_S``: such decodes
+        # would otherwise stack on every lane and the real end's final queue behind them.
+        hold_s = self.speculative_hold_s
+        if _running(item.withdrawn):
+            hold_s = max(hold_s, HOLD_S)
         item.speculation = self._spawn(self._decode_final(request, started, hold_s))
         item.speculation_ms = pause.at_ms + round(hold_s * 1000)
 

@@ -234,7 +234,7 @@ async def run_call(
         connect = client.connect()
     else:
         track = TimedTrack(samples)
-        client, clock = RealtimeClient(url, config.webrtc), track
+        client, clock = RealtimeClient(url), track  # no ICE servers: loopback only
         connect = client.connect(track)
     audio_s = len(samples) / 16_000
     try:

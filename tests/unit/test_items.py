@@ -280,3 +280,70 @@ async def test_items_speak_in_turn() -> None:
         )
         assert deltas.strip() == "try again"
         assert order[-1] == ("completed", second)
+
+
+async def test_a_pause_goes_on_the_engine_only_once_it_has_lasted_the_hold() -> None:
+    """A dip between words (shorter than the hold) costs no decode; an end, held as long,
+    is decoded, and its timings say when its decode started."""
+    eng = engine({1000: "Ever tried", 2000: "Ever tried. Ever failed."})
+    async with pipeline(eng) as h:
+        h.items.speculative_hold_s = 0.064
+        h.items.handle([SpeechStarted(0, 0), SpeechPaused(0, ms(1000), 1000)])
+        await h.clock.advance(0.063)
+        h.items.handle([SpeechResumed(0)])  # a dip: over before the hold
+        h.items.handle([SpeechPaused(0, ms(2000), 2000)])
+        await h.clock.advance(0.063)
+        assert eng.begun == [] and h.worker.queue_depth == 0
+        await h.clock.advance(0.002)
+        await eng.reached(2000)
+        h.items.handle([SpeechStopped(0, 1968, 2192)])
+        h.items.handle([Utterance(0, ms(2192), 0, 0, 1968, "silence")])
+        await h.settle()
+        assert eng.begun == [2000]
+        (completed,) = [e for e in h.sent if e["type"] == COMPLETED]
+        assert completed["speculative"] and completed["transcript"] == "Ever tried. Ever failed."
+        assert completed["timings"]["decode_after_ms"] == 2000 + 64 - 1968
+
+
+async def test_interims_are_eager_until_the_first_delta_then_spaced_by_their_cost() -> None:
+    """With ``interim_share`` 0.25, an interim whose decode took 100 ms of engine time
+    holds the next one off for 300 ms more, but only once the item has sent a delta."""
+    texts = {500: "No", 800: "Yes", 1100: "Yes we", 1400: "Yes we can", 1700: "Yes we can."}
+    eng = engine(texts, gated=list(texts))
+    async with pipeline(eng) as h:
+        h.items.interim_share = 0.25
+
+        async def interim(n: int) -> None:
+            h.items.handle([InterimDue(0, ms(n))])
+            await eng.reached(n)
+            await h.clock.advance(0.1)  # the decode takes 100 ms of engine time
+            eng.open(n)
+            await until(h.item(0).interim.done, f"the {n} ms interim")
+
+        h.items.handle([SpeechStarted(0, 0)])
+        await interim(500)
+        await interim(800)  # eager: disagrees with the first, no delta yet
+        await interim(1100)  # eager still: agrees on "Yes", the first delta
+        h.items.handle([InterimDue(0, ms(1400))])  # 0 ms after: held off
+        await h.clock.advance(0.299)
+        h.items.handle([InterimDue(0, ms(1400))])  # 299 ms after: still held off
+        await h.clock.advance(0.002)
+        await interim(1400)  # just past 300 ms after the last one's answer: decoded
+        assert eng.begun == [500, 800, 1100, 1400]
+        assert [e["delta"] for e in h.sent if e["type"] == DELTA] == ["Yes", " we"]
+
+
+async def test_interims_are_drafts_and_finals_are_not() -> None:
+    """Interims ask the engine for a draft (the embedded engine decodes it greedily);
+    finals and speculative finals never do."""
+    eng = GatedEngine(lambda key: "Fail again", key=lambda r: length_ms(r) * (-1 if r.draft else 1))
+    async with pipeline(eng) as h:
+        h.items.handle([SpeechStarted(0, 0), InterimDue(0, ms(500))])
+        await h.settle()
+        h.items.handle([SpeechPaused(0, ms(900), 900)])
+        await eng.reached(900)
+        h.items.handle([SpeechStopped(0, 900, 1124)])
+        h.items.handle([Utterance(0, ms(1124), 0, 0, 900, "silence")])
+        h.items.handle([SpeechStarted(1, 2000), Utterance(1, ms(700), 0, 2000, 2700, "max_length")])
+        await h.settle()
+        assert eng.begun == [-500, 900, 700]
