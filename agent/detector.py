@@ -4,8 +4,9 @@ With ``speculative`` on, every pause starts a speculative final decode, and with
 too the detector listens for pauses between windows: each chunk that leaves a partial window
 gets a VAD look (``VadStream.peek``) at the newest 32 ms while speech is open, and the
 segmenter pauses as soon as the silence is heard rather than when the next whole window
-completes (one more VAD step per chunk, only during speech). A pause's decode is also a hypothesis of the audio
-so far, so it counts as the interim: the next ``InterimDue`` comes an interval after it.
+completes (one more VAD step per chunk, only during speech). A pause's decode is also a
+hypothesis of the audio so far, so it counts as the interim: the next ``InterimDue`` comes
+an interval after it.
 
 Synchronous and I/O-free like the parts it joins; the session runs it on a worker thread so
 the ONNX model never runs on the event loop.
