@@ -59,6 +59,9 @@ ENGINE_LAG = "voxtral.engine_lag"
 #: hypotheses): the agreement needs two that agree, and the first words are the ones a
 #: listener waits for. After that, ``interim_share`` spaces them.
 EAGER_HYPOTHESES = 4
+#: ... and never more than this apart: on a long turn each re-decode costs more (its whole
+#: audio so far), and words every few seconds are still worth that.
+INTERIM_MAX_GAP_S = 2.0
 
 
 @dataclass(eq=False)
@@ -222,7 +225,8 @@ class ItemPipeline:
         if self.interim_share > 0:
             # Its engine time (longer when the engine is loaded) sets the next one's start.
             spent_s = result.engine_ms / 1000
-            item.next_interim_at = self._clock.now() + spent_s * (1 / self.interim_share - 1)
+            gap_s = min(spent_s * (1 / self.interim_share - 1), INTERIM_MAX_GAP_S - spent_s)
+            item.next_interim_at = self._clock.now() + gap_s
         if item.finalising:
             return  # the final already owns this item's text
         item.hypotheses += 1

@@ -333,6 +333,30 @@ async def test_interims_are_eager_until_the_first_delta_then_spaced_by_their_cos
         assert [e["delta"] for e in h.sent if e["type"] == DELTA] == ["Yes", " we"]
 
 
+async def test_interims_come_at_least_every_two_seconds_on_a_long_turn() -> None:
+    """A small share would space 100-ms decodes 9.9 s apart; the gap stays under 2 s."""
+    texts = {500: "No", 800: "Yes", 1100: "Yes we", 3100: "Yes we can"}
+    eng = engine(texts, gated=list(texts))
+    async with pipeline(eng) as h:
+        h.items.interim_share = 0.01
+        h.items.handle([SpeechStarted(0, 0)])
+        for n in (500, 800, 1100):
+            h.items.handle([InterimDue(0, ms(n))])
+            await eng.reached(n)
+            await h.clock.advance(0.1)
+            eng.open(n)
+            await until(h.item(0).interim.done, f"the {n} ms interim")
+        await h.clock.advance(1.899)  # 2 s after the last one began, less 1 ms
+        h.items.handle([InterimDue(0, ms(3100))])
+        assert eng.begun == [500, 800, 1100]
+        await h.clock.advance(0.002)
+        h.items.handle([InterimDue(0, ms(3100))])
+        await eng.reached(3100)
+        eng.open(3100)
+        await h.settle()
+        assert eng.begun == [500, 800, 1100, 3100]
+
+
 async def test_interims_are_drafts_and_finals_are_not() -> None:
     """Interims ask the engine for a draft (the embedded engine decodes it greedily);
     finals and speculative finals never do."""
