@@ -3,11 +3,13 @@ utterances, and what they say beside it (``.txt``, the reference of ``bench/late
 
 beckett.wav's phrases are under a second; the embedded engine's cost grows with the
 utterance, so its benchmarks also need ordinary sentences and long turns. No recording can be
-downloaded here, so the speech is synthetic (Debian's ``espeak-ng``, US English, 165 words a
-minute), normalised to half of full scale:
+downloaded here, so the speech is synthetic (Debian's ``espeak-ng``, 165 words a minute, US
+English unless ``--voices`` names others, each of which then reads them all in turn),
+normalised to half of full scale:
 
     .venv/bin/python bench/make_read_speech.py /tmp/read-60s.wav --sentences 12
     .venv/bin/python bench/make_read_speech.py /tmp/read-long.wav --per-utterance 4
+    .venv/bin/python bench/make_read_speech.py /tmp/read-8min.wav --voices en-us en-gb en-us+f3
 """
 
 from __future__ import annotations
@@ -62,9 +64,9 @@ SENTENCES = (
 )
 
 
-def speak(text: str, folder: Path) -> np.ndarray:
+def speak(text: str, voice: str, folder: Path) -> np.ndarray:
     path = folder / "sentence.wav"
-    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "165", "-w", str(path), text], check=True)
+    subprocess.run(["espeak-ng", "-v", voice, "-s", "165", "-w", str(path), text], check=True)
     audio = read_audio(path)
     return (audio / max(1e-6, float(np.abs(audio).max())) * 0.5).astype(np.float32)
 
@@ -80,17 +82,24 @@ def main() -> None:
         default=1,
         help="sentences spoken without a pause between them (0.15 s gap): long utterances",
     )
+    parser.add_argument(
+        "--voices",
+        nargs="+",
+        default=["en-us"],
+        help="espeak-ng voices (espeak-ng --voices=en); each reads the sentences once",
+    )
     args = parser.parse_args()
     if shutil.which("espeak-ng") is None:
         sys.exit("needs espeak-ng (apt-get install espeak-ng)")
     chosen = SENTENCES[: max(1, min(args.sentences, len(SENTENCES)))]
+    read = [(voice, text) for voice in args.voices for text in chosen]
     pause = np.zeros(int(args.pause_s * RATE), np.float32)
     gap = np.zeros(int(0.15 * RATE), np.float32)
     parts = [np.zeros(RATE // 2, np.float32)]
     with tempfile.TemporaryDirectory() as tmp:
-        for i, text in enumerate(chosen):
-            parts.append(speak(text, Path(tmp)))
-            last_of_turn = (i + 1) % args.per_utterance == 0 or i + 1 == len(chosen)
+        for i, (voice, text) in enumerate(read):
+            parts.append(speak(text, voice, Path(tmp)))
+            last_of_turn = (i + 1) % args.per_utterance == 0 or i + 1 == len(read)
             parts.append(pause if last_of_turn else gap)
     audio = np.concatenate(parts)
     with wave.open(str(args.out), "wb") as wav:
@@ -99,8 +108,8 @@ def main() -> None:
         wav.setframerate(RATE)
         wav.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
     reference = args.out.with_suffix(".txt")
-    reference.write_text(" ".join(chosen) + "\n")
-    turns = -(-len(chosen) // args.per_utterance)
+    reference.write_text(" ".join(text for _, text in read) + "\n")
+    turns = -(-len(read) // args.per_utterance)
     print(f"wrote {args.out}: {len(audio) / RATE:.1f} s, {turns} utterances; {reference}")
 
 

@@ -1,7 +1,14 @@
 """The embedded engine offline on one file, for the live path's word error rate to be held
-against: faster-whisper's own ``transcribe`` (30-s windows, Silero VAD filter, beam 5, as
-a user of faster-whisper would run it), and our file transcription (``voxtral-rtc
-transcribe``: the VAD's turns, each decoded on the fitted and on the full window).
+against:
+
+- faster-whisper's own ``transcribe`` (30-s windows, Silero VAD filter, beam 5, each window
+  conditioned on the text before it, as a user of faster-whisper would run it);
+- our file transcription (``voxtral-rtc transcribe``: the VAD's regions packed into pieces
+  of up to 30 s, each decoded on the fitted and on the full window);
+- the live path's turns offline: the server's own VAD and segmenter over the file (its
+  options, as ``bench/latency.py`` cuts its reference), each turn's audio (pre-roll and
+  hangover included) decoded by the engine alone, as a live final is but with no clock,
+  no interims and no speculation. What the live path adds to this is its own loss.
 
     .venv/bin/python bench/offline_wer.py /tmp/read.wav          # reference: /tmp/read.txt
 
@@ -32,6 +39,25 @@ def faster_whisper_text(wav: Path) -> str:
     return " ".join(segment.text for segment in segments)
 
 
+def turns_text(wav: Path) -> str:
+    from agent.config import Config
+    from agent.detector import SpeechDetector
+    from agent.engines.base import EngineRequest
+    from agent.engines.embedded import EmbeddedWhisperEngine
+    from agent.segmenter import SegmenterOptions, Utterance
+    from agent.vad import SileroVad
+    from voxtral_rtc_client import read_audio
+
+    config = Config()
+    options = SegmenterOptions.from_config(config.vad, config.segmenter)
+    detector = SpeechDetector(SileroVad(config.vad.model_path).stream(), options)
+    samples = read_audio(wav)
+    turns = [e for e in [*detector.process(samples), *detector.flush()] if isinstance(e, Utterance)]
+    engine = EmbeddedWhisperEngine(config.engine)
+    texts = [engine.transcribe([EngineRequest(turn.audio)])[0].text for turn in turns]
+    return " ".join(texts)
+
+
 def cli_text(wav: Path, window: str) -> str:
     env = {"VOXTRAL_RTC_ENGINE__ENCODER_WINDOW": window, "PATH": "/usr/bin:/bin"}
     cli = [sys.executable, "-m", "signaling.cli", "transcribe", "--format", "text", "--quiet"]
@@ -53,6 +79,7 @@ def main() -> None:
         ("faster-whisper transcribe (30 s windows, VAD filter)", faster_whisper_text),
         ("voxtral-rtc transcribe, encoder_window fit", lambda w: cli_text(w, "fit")),
         ("voxtral-rtc transcribe, encoder_window full", lambda w: cli_text(w, "full")),
+        ("the live path's turns, each decoded alone (fit)", turns_text),
     ]
     for name, run in runs:
         cpu0, wall0 = _children_cpu() + time.process_time(), time.perf_counter()

@@ -18,7 +18,7 @@ from typing import Any
 
 from agent.config import EngineConfig
 from agent.engines.base import Engine, EngineRequest, EngineResult
-from agent.engines.whisper_window import FRAMES_PER_S, fit_features, spoken_text
+from agent.engines.whisper_window import FRAMES_PER_S, fit_features, repetitive, spoken_text
 from agent.errors import EngineLoadError
 
 #: faster-whisper's defaults: a window whose no-speech probability is above this and whose
@@ -32,6 +32,9 @@ DOUBTFUL_NO_SPEECH = 0.4
 #: Whisper's longest decode (its text context), and the first timestamp allowed (1 s).
 MAX_LENGTH = 448
 MAX_INITIAL_TIMESTAMP_INDEX = 50
+#: A decode that stopped before the audio's end is continued from there at most this often
+#: (``whisper_window.Spoken.stopped_at``; 30 s of read speech needed one).
+MAX_CONTINUATIONS = 2
 
 
 class EmbeddedWhisperEngine(Engine):
@@ -84,23 +87,54 @@ class EmbeddedWhisperEngine(Engine):
         return [self._one(request) for request in batch]
 
     def _one(self, request: EngineRequest) -> EngineResult:
-        import ctranslate2
-
         # tiny.en only knows English: another language is decoded as English, as
         # faster-whisper does (a multilingual CTranslate2 folder in engine.model honours it).
         language = "en"
         if self._multilingual:
             language = request.language or self._config.language or "en"
         tokenizer = self._tokenizer(language)
-        previous = tokenizer.encode(" " + request.prompt.strip()) if request.prompt else []
-        prompt = self._model.get_prompt(tokenizer, previous, without_timestamps=False)
         features = self._model.feature_extractor(request.audio)
-        duration_s = features.shape[1] / FRAMES_PER_S
         options: dict[str, Any] = (
             {"beam_size": 1, "sampling_topk": 0, "sampling_temperature": self._config.temperature}
             if self._config.temperature > 0
             else {"beam_size": 1 if request.draft else self._config.beam_size}
         )
+        given = " " + request.prompt.strip() if request.prompt else ""
+        texts: list[str] = []
+        offset = 0  # frames already said
+        for _ in range(MAX_CONTINUATIONS + 1):
+            # A continuation is conditioned on what was said before it, as faster-whisper
+            # conditions each window on the previous ones' text.
+            previous = tokenizer.encode(given + "".join(texts)) if given or texts else []
+            prompt = self._model.get_prompt(tokenizer, previous, without_timestamps=False)
+            part = features[:, offset:]
+            duration_s = part.shape[1] / FRAMES_PER_S
+            result = self._generate(part, prompt, options, draft=request.draft)
+            tokens = result.sequences_ids[0]
+            # faster-whisper's rule: the score is the log-probability per token (length
+            # penalty 1); their mean counts the end of text too.
+            avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
+            if result.no_speech_prob > NO_SPEECH_THRESHOLD and avg_logprob < LOG_PROB_THRESHOLD:
+                break
+            spoken = spoken_text(
+                tokens, tokenizer.timestamp_begin, tokenizer.eot, tokenizer.decode, duration_s
+            )
+            if texts and repetitive(spoken.text):
+                # On the few seconds left after a stop, conditioned on the text before,
+                # tiny.en may loop on its last words ("fail better, fail better, ...").
+                # faster-whisper would retry hotter; a final cannot wait for that.
+                break
+            texts.append(spoken.text)
+            if spoken.stopped_at is None or request.draft:
+                break  # an interim's missing tail is only a later delta
+            offset += max(round(spoken.stopped_at * FRAMES_PER_S), 1)
+        return EngineResult(text="".join(texts).strip(), language=language)
+
+    def _generate(
+        self, features: Any, prompt: list[int], options: dict[str, Any], draft: bool
+    ) -> Any:
+        import ctranslate2
+
         full_window = self._full_window
         while True:
             window = ctranslate2.StorageView.from_array(fit_features(features, full_window)[None])
@@ -116,23 +150,13 @@ class EmbeddedWhisperEngine(Engine):
                 max_initial_timestamp_index=MAX_INITIAL_TIMESTAMP_INDEX,
                 **options,
             )[0]
-            if full_window or request.draft or result.no_speech_prob <= DOUBTFUL_NO_SPEECH:
-                break
+            if full_window or draft or result.no_speech_prob <= DOUBTFUL_NO_SPEECH:
+                return result
             # The fitted window judges "is this speech?" worse than the full one: a cut-off
             # "Ever tr" scored 0.7 there (0.45 on 30 s), a noise burst came out as a
             # confident sentence. Finals in doubt (rare: breaths, clicks, cut words) are
             # decided on Whisper's own 30 s, as faster-whisper would.
             full_window = True
-        tokens = result.sequences_ids[0]
-        # faster-whisper's rule: the score is the log-probability per token (length penalty
-        # 1); their mean counts the end of text too.
-        avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
-        if result.no_speech_prob > NO_SPEECH_THRESHOLD and avg_logprob < LOG_PROB_THRESHOLD:
-            return EngineResult(text="", language=language)
-        text = spoken_text(
-            tokens, tokenizer.timestamp_begin, tokenizer.eot, tokenizer.decode, duration_s
-        )
-        return EngineResult(text=text.strip(), language=language)
 
     def _tokenizer(self, language: str) -> Any:
         # Lanes may race to build the same one: both are equal, either may stay.

@@ -4,6 +4,11 @@ timestamp cut), then the real tiny.en model through them, against faster-whisper
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -13,13 +18,16 @@ from agent.engines.whisper_window import (
     FULL_WINDOW_FRAMES,
     MIN_WINDOW_FRAMES,
     PAD_FRAMES,
+    Spoken,
     fit_features,
+    repetitive,
     spoken_text,
 )
 from tests.conftest import BECKETT_PHRASES, BECKETT_REGIONS, make_config
-from voxtral_rtc_client import normalise
+from voxtral_rtc_client import normalise, read_audio
 from voxtral_rtc_client.audio import without_pauses
 
+REPO = Path(__file__).resolve().parents[2]
 TS = 1000  # the first timestamp token in these scripted decodes: <|0.00|>
 EOT = 999
 
@@ -52,24 +60,47 @@ def test_the_window_fits_the_utterance(frames: int, full: bool, expected: int) -
 
 def test_segments_inside_the_audio_are_kept() -> None:
     tokens = [at(0), 1, 2, at(1.2), at(1.2), 3, at(2.5), EOT]
-    assert spoken_text(tokens, TS, EOT, words, 3.0) == " w1 w2 w3"
+    assert spoken_text(tokens, TS, EOT, words, 3.0) == Spoken(" w1 w2 w3")
 
 
 def test_a_segment_starting_at_the_end_of_the_audio_is_cut() -> None:
     """The model 'fills' a short window by saying the utterance again after its end."""
     tokens = [at(0), 1, 2, at(1.9), at(2.0), 1, 2, at(3.8), EOT]
-    assert spoken_text(tokens, TS, EOT, words, 2.05) == " w1 w2"
+    assert spoken_text(tokens, TS, EOT, words, 2.05) == Spoken(" w1 w2")
 
 
 def test_a_segment_that_goes_back_in_time_is_cut_with_all_after_it() -> None:
     tokens = [at(0), 1, at(1.0), at(1.0), 2, at(2.0), at(0.2), 1, at(1.0), at(2.1), 3]
-    assert spoken_text(tokens, TS, EOT, words, 3.0) == " w1 w2"
+    assert spoken_text(tokens, TS, EOT, words, 3.0) == Spoken(" w1 w2")
 
 
 def test_a_last_segment_without_its_closing_timestamp_is_kept() -> None:
-    assert spoken_text([at(0), 1, 2, 3], TS, EOT, words, 3.0) == " w1 w2 w3"
+    assert spoken_text([at(0), 1, 2, 3], TS, EOT, words, 3.0) == Spoken(" w1 w2 w3")
     # ... unless it starts past the audio.
-    assert spoken_text([at(0), 1, at(1), at(2.95), 2], TS, EOT, words, 3.0) == " w1"
+    assert spoken_text([at(0), 1, at(1), at(2.95), 2], TS, EOT, words, 3.0) == Spoken(" w1")
+
+
+def test_a_decode_that_stops_early_says_where() -> None:
+    """``<|20.00|><|20.00|>`` then the end, 5 s before the audio's: the rest is unsaid."""
+    tokens = [at(0), 1, 2, at(10.0), at(10.0), 3, at(20.0), at(20.0), EOT]
+    assert spoken_text(tokens, TS, EOT, words, 25.0) == Spoken(" w1 w2 w3", stopped_at=20.0)
+    # A single closing time stamp ends the speech: nothing more to say.
+    assert spoken_text(tokens[:-2], TS, EOT, words, 25.0) == Spoken(" w1 w2 w3")
+    # Within CONTINUE_MIN_S of the end (the hangover and the padding): covered.
+    assert spoken_text(tokens, TS, EOT, words, 20.4) == Spoken(" w1 w2 w3")
+    # Nothing said at all is no place to go on from.
+    assert spoken_text([at(0), EOT], TS, EOT, words, 25.0) == Spoken("")
+
+
+def test_a_loop_is_told_from_speech() -> None:
+    """faster-whisper's compression-ratio rule: a continuation stuck on its last words is
+    dropped; ordinary sentences, even beckett's repeated phrases, are not loops."""
+    assert repetitive(" fail better," * 40)
+    assert not repetitive(" The city council voted to build a new park near the harbor.")
+    assert not repetitive(
+        " ever tried, ever failed, no matter, try again, fail again, fail better."
+    )
+    assert not repetitive("")
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +188,33 @@ def test_silence_is_no_speech(embedded_engine: Engine) -> None:
     """faster-whisper's no-speech rule still holds on the fitted window."""
     (result,) = embedded_engine.transcribe([EngineRequest(np.zeros(16000, np.float32))])
     assert result.text == ""
+
+
+def test_a_decode_that_stopped_early_goes_on_from_there(
+    embedded_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """25 s of read sentences, as the file path packs them: tiny.en closes the fourth
+    sentence, opens a segment at <|20.00|> and ends, the fifth unsaid (this dropped two of
+    30 sentences from ``voxtral-rtc transcribe``). Decoding on from 20 s says it."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("needs espeak-ng (scripts/test.sh installs it)")
+    wav = tmp_path / "read.wav"
+    subprocess.run(
+        [sys.executable, str(REPO / "bench/make_read_speech.py"), str(wav)],
+        check=True,
+        capture_output=True,
+    )
+    # The 23rd to 27th sentences: where the VAD's 30-s packing put a piece.
+    piece = read_audio(wav)[int(122.624 * 16000) : int(147.776 * 16000)]
+    last = "we watched the sun set behind the hills"
+    from agent.engines import embedded
+
+    monkeypatch.setattr(embedded, "MAX_CONTINUATIONS", 0)
+    (alone,) = embedded_engine.transcribe([EngineRequest(piece)])
+    assert normalise(alone.text).endswith("too quickly"), alone.text  # the case is still here
+    monkeypatch.undo()
+    (result,) = embedded_engine.transcribe([EngineRequest(piece)])
+    said = normalise(result.text).replace("sunset", "sun set")
+    assert said.startswith(normalise(alone.text)), result.text
+    assert last in said and said.endswith("back to the hotel"), result.text
+    assert said.count("the city council") == 1  # the continuation does not say it all again
