@@ -18,7 +18,13 @@ from typing import Any
 
 from agent.config import EngineConfig
 from agent.engines.base import Engine, EngineRequest, EngineResult
-from agent.engines.whisper_window import FRAMES_PER_S, fit_features, repetitive, spoken_text
+from agent.engines.whisper_window import (
+    FRAMES_PER_S,
+    fit_features,
+    repetitive,
+    silence_level,
+    spoken_text,
+)
 from agent.errors import EngineLoadError
 
 #: faster-whisper's defaults: a window whose no-speech probability is above this and whose
@@ -94,6 +100,7 @@ class EmbeddedWhisperEngine(Engine):
             language = request.language or self._config.language or "en"
         tokenizer = self._tokenizer(language)
         features = self._model.feature_extractor(request.audio)
+        silence = silence_level(features)
         options: dict[str, Any] = (
             {"beam_size": 1, "sampling_topk": 0, "sampling_temperature": self._config.temperature}
             if self._config.temperature > 0
@@ -109,7 +116,7 @@ class EmbeddedWhisperEngine(Engine):
             prompt = self._model.get_prompt(tokenizer, previous, without_timestamps=False)
             part = features[:, offset:]
             duration_s = part.shape[1] / FRAMES_PER_S
-            result = self._generate(part, prompt, options, draft=request.draft)
+            result = self._generate(part, silence, prompt, options, draft=request.draft)
             tokens = result.sequences_ids[0]
             # faster-whisper's rule: the score is the log-probability per token (length
             # penalty 1); their mean counts the end of text too.
@@ -131,13 +138,22 @@ class EmbeddedWhisperEngine(Engine):
         return EngineResult(text="".join(texts).strip(), language=language)
 
     def _generate(
-        self, features: Any, prompt: list[int], options: dict[str, Any], draft: bool
+        self,
+        features: Any,
+        silence: float,
+        prompt: list[int],
+        options: dict[str, Any],
+        draft: bool,
     ) -> Any:
         import ctranslate2
 
         full_window = self._full_window
         while True:
-            window = ctranslate2.StorageView.from_array(fit_features(features, full_window)[None])
+            # The fitted window ends in silence; the full one is padded as faster-whisper
+            # pads it, for its no-speech judgement to stay faster-whisper's.
+            pad_value = 0.0 if full_window else silence
+            padded = fit_features(features, full_window, pad_value)
+            window = ctranslate2.StorageView.from_array(padded[None])
             result = self._model.model.generate(
                 window,
                 [prompt],
