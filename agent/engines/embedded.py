@@ -18,13 +18,7 @@ from typing import Any
 
 from agent.config import EngineConfig
 from agent.engines.base import Engine, EngineRequest, EngineResult
-from agent.engines.whisper_window import (
-    FRAMES_PER_S,
-    fit_features,
-    repetitive,
-    silence_level,
-    spoken_text,
-)
+from agent.engines.whisper_window import FRAMES_PER_S, fit_features, repetitive, spoken_text
 from agent.errors import EngineLoadError
 
 #: faster-whisper's defaults: a window whose no-speech probability is above this and whose
@@ -100,7 +94,6 @@ class EmbeddedWhisperEngine(Engine):
             language = request.language or self._config.language or "en"
         tokenizer = self._tokenizer(language)
         features = self._model.feature_extractor(request.audio)
-        silence = silence_level(features)
         options: dict[str, Any] = (
             {"beam_size": 1, "sampling_topk": 0, "sampling_temperature": self._config.temperature}
             if self._config.temperature > 0
@@ -116,7 +109,7 @@ class EmbeddedWhisperEngine(Engine):
             prompt = self._model.get_prompt(tokenizer, previous, without_timestamps=False)
             part = features[:, offset:]
             duration_s = part.shape[1] / FRAMES_PER_S
-            result = self._generate(part, silence, prompt, options, draft=request.draft)
+            result = self._generate(part, prompt, options, draft=request.draft)
             tokens = result.sequences_ids[0]
             # faster-whisper's rule: the score is the log-probability per token (length
             # penalty 1); their mean counts the end of text too.
@@ -137,41 +130,16 @@ class EmbeddedWhisperEngine(Engine):
             offset += max(round(spoken.stopped_at * FRAMES_PER_S), 1)
         return EngineResult(text="".join(texts).strip(), language=language)
 
-    def _windows(self, silence: float, draft: bool) -> list[tuple[bool, float]]:
-        """The windows (full?, padding value) a decode tries in turn, until one is sure
-        enough that it hears speech.
-
-        A final is first decoded on the fitted window ending in silence, as a recording
-        does (read speech turn by turn: 12.7 -> 10.2 % WER). That window doubts more short
-        phrases (beckett's "Fail again" in a call: no-speech 0.52 where zeros gave 0.29):
-        a final in doubt is decoded on zeros, then on Whisper's own 30 s, where the
-        fitted window judges worst (a cut-off "Ever tr" 0.7 there, 0.45 on 30 s; a noise
-        burst came out as a confident sentence), as faster-whisper would. A draft's audio
-        stops mid-word: followed by silence, tiny.en took a 0.3-s start of "Ever tried"
-        for a whole take and looped to 224 tokens (550 ms) where zeros gave 3, so drafts
-        keep zeros and are never retried (an interim is only a hint).
-        """
-        if self._full_window:
-            return [(True, 0.0)]
-        if draft:
-            return [(False, 0.0)]
-        return [(False, silence), (False, 0.0), (True, 0.0)]
-
     def _generate(
-        self,
-        features: Any,
-        silence: float,
-        prompt: list[int],
-        options: dict[str, Any],
-        draft: bool,
+        self, features: Any, prompt: list[int], options: dict[str, Any], draft: bool
     ) -> Any:
         import ctranslate2
 
-        result: Any = None
-        for full_window, pad_value in self._windows(silence, draft):
-            padded = fit_features(features, full_window, pad_value)
+        full_window = self._full_window
+        while True:
+            window = ctranslate2.StorageView.from_array(fit_features(features, full_window)[None])
             result = self._model.model.generate(
-                ctranslate2.StorageView.from_array(padded[None]),
+                window,
                 [prompt],
                 max_length=MAX_LENGTH,
                 length_penalty=1.0,
@@ -182,9 +150,13 @@ class EmbeddedWhisperEngine(Engine):
                 max_initial_timestamp_index=MAX_INITIAL_TIMESTAMP_INDEX,
                 **options,
             )[0]
-            if result.no_speech_prob <= DOUBTFUL_NO_SPEECH:
-                break
-        return result
+            if full_window or draft or result.no_speech_prob <= DOUBTFUL_NO_SPEECH:
+                return result
+            # The fitted window judges "is this speech?" worse than the full one: a cut-off
+            # "Ever tr" scored 0.7 there (0.45 on 30 s), a noise burst came out as a
+            # confident sentence. Finals in doubt (rare: breaths, clicks, cut words) are
+            # decided on Whisper's own 30 s, as faster-whisper would.
+            full_window = True
 
     def _tokenizer(self, language: str) -> Any:
         # Lanes may race to build the same one: both are equal, either may stay.

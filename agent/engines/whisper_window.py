@@ -8,10 +8,6 @@ transcript survives with three rules measured on read speech (docs/benchmarks.md
 - never under 10 s: on a 2- or 5-s window tiny.en often says a short phrase again and again
   inside one segment ("No matter. No matter. ..."), which nothing downstream can undo;
 - a second of padding after longer audio, so the model hears the utterance end;
-- padding that is the log-mel of silence, not faster-whisper's zeros (which Whisper's
-  scale reads as a steady mid-level sound): the utterance then sounds like a recording that
-  goes quiet, as in training. Each turn of read speech decoded alone: 12.7 -> 10.2 % WER
-  over 92 turns in three voices, 9.2 -> 7.5 % over 31 (``bench/offline_wer.py``);
 - decode *with* timestamps and keep only segments that start inside the audio and move
   forward in time: on a short window the model may otherwise say the utterance twice (it
   "fills" the missing seconds), and a repeated segment starts past the end or jumps back.
@@ -36,10 +32,6 @@ FRAMES_PER_S = 100
 FULL_WINDOW_FRAMES = 3000
 MIN_WINDOW_FRAMES = 1000
 PAD_FRAMES = 100
-#: Whisper's log-mel of digital silence: power clipped at 1e-10 (log10 -10), raised to 8
-#: (80 dB) under the loudest bin, then x -> (x + 4) / 4: 2 under the maximum, or -1.5.
-SILENCE_BELOW_MAX = 2.0
-SILENCE_FLOOR = -1.5
 #: Whisper's timestamp tokens step by 20 ms.
 TIMESTAMP_S = 0.02
 #: A segment starting this close to the end of the audio holds no speech of it.
@@ -61,27 +53,19 @@ class Spoken:
     stopped_at: float | None = None
 
 
-def silence_level(features: npt.NDArray[np.float32]) -> float:
-    """The log-mel value of digital silence on the scale of ``features`` (one utterance's
-    Whisper features, all of them: a slice may lack the loudest bin)."""
-    return max(float(features.max()) - SILENCE_BELOW_MAX, SILENCE_FLOOR)
-
-
 def fit_features(
-    features: npt.NDArray[np.float32], full_window: bool = False, pad_value: float = 0.0
+    features: npt.NDArray[np.float32], full_window: bool = False
 ) -> npt.NDArray[np.float32]:
-    """The encoder's input for ``features`` (n_mels × frames): padded with ``pad_value``
-    (zeros, as faster-whisper pads, or ``silence_level``) to the frames plus
-    ``PAD_FRAMES`` and at least ``MIN_WINDOW_FRAMES`` (or to the full 30 s), never past
-    30 s."""
+    """The encoder's input for ``features`` (n_mels × frames): padded with zeros, as
+    faster-whisper pads, to the frames plus ``PAD_FRAMES`` and at least
+    ``MIN_WINDOW_FRAMES`` (or to the full 30 s), never past 30 s."""
     frames = features.shape[1]
     target = max(frames + PAD_FRAMES, MIN_WINDOW_FRAMES)
     if full_window or target > FULL_WINDOW_FRAMES:
         target = FULL_WINDOW_FRAMES
     if frames >= target:
         return np.ascontiguousarray(features[:, :target])
-    padding = ((0, 0), (0, target - frames))
-    return np.ascontiguousarray(np.pad(features, padding, constant_values=pad_value))
+    return np.ascontiguousarray(np.pad(features, ((0, 0), (0, target - frames))))
 
 
 def repetitive(text: str) -> bool:

@@ -21,7 +21,6 @@ from agent.engines.whisper_window import (
     Spoken,
     fit_features,
     repetitive,
-    silence_level,
     spoken_text,
 )
 from tests.conftest import BECKETT_PHRASES, BECKETT_REGIONS, make_config
@@ -57,23 +56,6 @@ def test_the_window_fits_the_utterance(frames: int, full: bool, expected: int) -
     assert window.shape == (80, expected) and window.flags.c_contiguous
     kept = min(frames, expected)
     assert window[:, :kept].all() and not window[:, kept:].any()  # zeros after the audio
-    padded = fit_features(features, full, pad_value=-0.5)
-    assert (padded[:, :kept] == 1).all() and (padded[:, kept:] == -0.5).all()
-
-
-def test_silence_level_is_whisper_log_mel_of_digital_silence(
-    beckett_audio: npt.NDArray[np.float32],
-) -> None:
-    """The fitted window is padded with what Whisper's feature extractor (the engine's,
-    faster-whisper's) makes of zeros after the utterance, on the utterance's scale."""
-    from faster_whisper.feature_extractor import FeatureExtractor
-
-    extract = FeatureExtractor()
-    for audio in (beckett_audio[: 3 * 16000], np.zeros(16000, np.float32)):
-        features = extract(audio)
-        padded = extract(np.concatenate([audio, np.zeros(2 * 16000, np.float32)]))
-        tail = padded[:, features.shape[1] + 5 : -5]  # clear of the STFT's overlap
-        assert np.allclose(tail, silence_level(features), atol=1e-5)
 
 
 def test_segments_inside_the_audio_are_kept() -> None:
