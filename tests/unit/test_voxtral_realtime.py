@@ -181,9 +181,10 @@ def test_batched_streams_equal_transformers_generate_token_for_token(
     sinks = [Collector() for _ in audios]
     before = sum(n * c for n, c in engine.step_sizes.items() if n > 1)
     streams = [engine.open_stream(sink) for sink in sinks]
-    for stream, audio in zip(streams, audios, strict=True):
-        stream.push(audio)
-        stream.flush()
+    with engine._cond:  # all three arrive before the engine's next round: a batch on any box
+        for stream, audio in zip(streams, audios, strict=True):
+            stream.push(audio)
+            stream.flush()
     for sink in sinks:
         assert sink.done.wait(60)
     for stream in streams:
@@ -204,27 +205,42 @@ def test_a_streams_tokens_are_the_same_alone_and_among_streams_joining_and_leavi
     alone, _ = run_alone(engine, main)
     others = [speech_like(3.0, seed) for seed in (1, 2, 3)]
     frame = 1280
+    leave_after = 12  # each guest leaves after this many frames, mid-stream and unflushed
+    # The updates a guest's 12 frames make (its prefill and each step): it leaves only once
+    # they are out, so a slow box cannot close it before the engine ever stepped it.
+    framing = StreamAudio(480 // 80)
+    framing.push(np.zeros(leave_after * frame, np.float32))
+    guest_updates = 0
+    while framing.ready():
+        _ = framing.take_first() if guest_updates == 0 else framing.take_next()
+        guest_updates += 1
+    assert guest_updates >= 3  # a prefill and at least two steps among the others
     mixed_before = sum(c for n, c in engine.step_sizes.items() if n > 1)
     sink = Collector()
     stream = engine.open_stream(sink)
     guests: list[tuple[Any, Collector]] = []
     joins = {3: 0, 9: 1, 14: 2}  # frame index -> which other stream joins then
-    leave_after = 12  # each guest leaves after this many frames
     pushed_frames: dict[int, int] = {}
     for i in range(0, len(main) // frame):
         if i in joins:
             guest_sink = Collector()
             guests.append((engine.open_stream(guest_sink), guest_sink))
             pushed_frames[len(guests) - 1] = 0
-        stream.push(main[i * frame : (i + 1) * frame])
-        for g, (guest, _) in enumerate(guests):
-            n = pushed_frames[g]
-            if n < leave_after:
-                guest.push(others[g][n * frame : (n + 1) * frame])
-                pushed_frames[g] = n + 1
-            elif n == leave_after:
+        # One index's frames arrive together, as the engine's lock sees them: the round after
+        # a guest's frame holds the main stream's frame too, whatever the box's speed, so the
+        # guest's steps are batched steps.
+        with engine._cond:
+            stream.push(main[i * frame : (i + 1) * frame])
+            for g, (guest, _) in enumerate(guests):
+                n = pushed_frames[g]
+                if n < leave_after:
+                    guest.push(others[g][n * frame : (n + 1) * frame])
+                    pushed_frames[g] = n + 1
+        for g, (guest, guest_sink) in enumerate(guests):
+            if pushed_frames[g] == leave_after:
+                guest_sink.wait_count(guest_updates)
                 guest.close()  # leaves mid-stream, unflushed
-                pushed_frames[g] = n + 1
+                pushed_frames[g] = leave_after + 1
         time.sleep(0.004)  # let steps interleave with the joins and leaves
     stream.flush()
     assert sink.done.wait(60)
