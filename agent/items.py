@@ -39,7 +39,7 @@ from agent import events
 from agent.agreement import LocalAgreement
 from agent.clock import Clock, finished_within
 from agent.detector import DetectorEvent, InterimDue
-from agent.engines.base import EngineRequest
+from agent.engines.base import EngineRequest, SpokenBefore
 from agent.engines.worker import EngineWorker, Priority, Transcription
 from agent.errors import EngineError
 from agent.observer import CallObserver
@@ -107,6 +107,9 @@ class ItemPipeline:
         self._last_item_id: str | None = None
         self.language: str | None = None
         self.prompt: str | None = None
+        #: The last utterance whose final came back with words, as (its number, what it
+        #: was): the next utterance's final is decoded behind it (``EngineRequest.before``).
+        self._before: tuple[int, SpokenBefore] | None = None
         self.include_interim = False
         #: Interims of one item take at most this share of the time (the engine's share of a
         #: core on the embedded engine): after a hypothesis that took ``d`` s of engine time,
@@ -199,6 +202,14 @@ class ItemPipeline:
     def _request(self, audio: Any, draft: bool = False) -> EngineRequest:
         return EngineRequest(audio, language=self.language, prompt=self.prompt, draft=draft)
 
+    def _final_request(self, audio: Any) -> EngineRequest:
+        """A final, behind the utterance just before it when that one's text is back (it
+        usually is: a final takes ~0.3 s, a turn lasts seconds)."""
+        before = None
+        if self._before is not None and self._before[0] == self.utterances:
+            before = self._before[1]
+        return EngineRequest(audio, language=self.language, prompt=self.prompt, before=before)
+
     # -- interims -----------------------------------------------------------------------
 
     def _interim(self, due: InterimDue) -> None:
@@ -243,7 +254,7 @@ class ItemPipeline:
         if item is None or not self.speculative:
             return
         self._drop_speculation(item)
-        request = self._request(pause.audio)
+        request = self._final_request(pause.audio)
         item.speculation_started = started = asyncio.Event()
         # Each pause decodes the whole utterance so far, and a decode cannot be stopped once
         # the engine has it. Read speech dips under the VAD threshold between many words;
@@ -293,6 +304,7 @@ class ItemPipeline:
         item.finalising = True
         self._send(events.committed(item.item_id, self._last_item_id))
         self._last_item_id = item.item_id
+        request = self._final_request(utt.audio)  # before the count moves on to this one
         self.utterances += 1
         self._observer.utterance_committed()
         decided_at = item.stopped_at if item.stopped_at is not None else self._clock.now()
@@ -300,7 +312,7 @@ class ItemPipeline:
         final = item.speculation if utt.cut == "silence" else None
         if final is None:
             self._drop_speculation(item)
-            final = self._spawn(self._worker.transcribe(self._request(utt.audio)))
+            final = self._spawn(self._worker.transcribe(request))
         else:
             self.speculations_reused += 1
         speculative = final is item.speculation
@@ -317,7 +329,8 @@ class ItemPipeline:
             "server_ms": 0.0,
         }
         audio_s = len(utt.audio) / 16_000
-        self._spawn(self._complete(item, final, timings, decided_at, speculative, audio_s))
+        said = (self.utterances, utt.audio)
+        self._spawn(self._complete(item, final, timings, decided_at, speculative, audio_s, said))
 
     async def _complete(
         self,
@@ -327,6 +340,7 @@ class ItemPipeline:
         decided_at: float,
         speculative: bool,
         audio_s: float,
+        said: tuple[int, Any],
     ) -> None:
         try:
             done = await finished_within(self._clock, final, LAG_NOTICE_S)
@@ -363,6 +377,9 @@ class ItemPipeline:
                 audio_s=audio_s,
             )
             completed["lag_ms"] = round(self._worker.lag_ms(), 1)
+            number, audio = said
+            if result.text.strip() and (self._before is None or self._before[0] < number):
+                self._before = (number, SpokenBefore(audio, result.text))
             self._emit(item, completed)
             self._observer.final_completed((timings["vad_ms"] + timings["server_ms"]) / 1000)
         finally:

@@ -7,8 +7,10 @@ against:
   of up to 30 s, each decoded on the fitted and on the full window);
 - the live path's turns offline: the server's own VAD and segmenter over the file (its
   options, as ``bench/latency.py`` cuts its reference), each turn's audio (pre-roll and
-  hangover included) decoded by the engine alone, as a live final is but with no clock,
-  no interims and no speculation. What the live path adds to this is its own loss.
+  hangover included) decoded by the engine behind the turn before it and that turn's text
+  (``EngineRequest.before``), as a live final is, but with no clock, no interims and no
+  speculation; and each turn alone, as finals were decoded before. What the live path adds
+  to this is its own loss.
 
     .venv/bin/python bench/offline_wer.py /tmp/read.wav          # reference: /tmp/read.txt
 
@@ -39,10 +41,10 @@ def faster_whisper_text(wav: Path) -> str:
     return " ".join(segment.text for segment in segments)
 
 
-def turns_text(wav: Path) -> str:
+def turns_text(wav: Path, behind: bool = True) -> str:
     from agent.config import Config
     from agent.detector import SpeechDetector
-    from agent.engines.base import EngineRequest
+    from agent.engines.base import EngineRequest, SpokenBefore
     from agent.engines.embedded import EmbeddedWhisperEngine
     from agent.segmenter import SegmenterOptions, Utterance
     from agent.vad import SileroVad
@@ -54,7 +56,13 @@ def turns_text(wav: Path) -> str:
     samples = read_audio(wav)
     turns = [e for e in [*detector.process(samples), *detector.flush()] if isinstance(e, Utterance)]
     engine = EmbeddedWhisperEngine(config.engine)
-    texts = [engine.transcribe([EngineRequest(turn.audio)])[0].text for turn in turns]
+    texts: list[str] = []
+    before: SpokenBefore | None = None
+    for turn in turns:
+        text = engine.transcribe([EngineRequest(turn.audio, before=before)])[0].text
+        texts.append(text)
+        if behind and text.strip():  # the live path keeps the last final that said words
+            before = SpokenBefore(turn.audio, text)
     return " ".join(texts)
 
 
@@ -79,7 +87,8 @@ def main() -> None:
         ("faster-whisper transcribe (30 s windows, VAD filter)", faster_whisper_text),
         ("voxtral-rtc transcribe, encoder_window fit", lambda w: cli_text(w, "fit")),
         ("voxtral-rtc transcribe, encoder_window full", lambda w: cli_text(w, "full")),
-        ("the live path's turns, each decoded alone (fit)", turns_text),
+        ("the live path's turns, each behind the one before (fit)", turns_text),
+        ("the live path's turns, each decoded alone (fit)", lambda w: turns_text(w, False)),
     ]
     for name, run in runs:
         cpu0, wall0 = _children_cpu() + time.process_time(), time.perf_counter()

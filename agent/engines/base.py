@@ -43,6 +43,19 @@ class Priority(IntEnum):
 
 
 @dataclass(frozen=True, eq=False)
+class SpokenBefore:
+    """The utterance said just before a request's on the same call, and its final text.
+
+    An engine may decode the two together and keep only the new words: Whisper hears a
+    short turn better after the one before it than alone (docs/benchmarks.md, issue 15).
+    Engines that do not use it ignore it.
+    """
+
+    audio: Samples
+    text: str
+
+
+@dataclass(frozen=True, eq=False)
 class EngineRequest:
     """One utterance to transcribe: 16 kHz mono float32 samples in [-1, 1]."""
 
@@ -54,6 +67,8 @@ class EngineRequest:
     #: A hypothesis of open speech (an interim), not a final: an engine may trade accuracy
     #: for speed (the embedded engine decodes it greedily; the final corrects it anyway).
     draft: bool = False
+    #: A live final's previous utterance, when the call has one (never for drafts or files).
+    before: SpokenBefore | None = None
 
     @property
     def duration_s(self) -> float:

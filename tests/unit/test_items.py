@@ -371,3 +371,46 @@ async def test_interims_are_drafts_and_finals_are_not() -> None:
         h.items.handle([SpeechStarted(1, 2000), Utterance(1, ms(700), 0, 2000, 2700, "max_length")])
         await h.settle()
         assert eng.begun == [-500, 900, 700]
+
+
+async def test_a_final_is_decoded_behind_the_utterance_said_before_it() -> None:
+    """A final, speculative or not, carries the previous utterance's audio and final text
+    (the embedded engine hears it first); an interim never does, nor a final whose previous
+    utterance is not back yet or came back with no words."""
+    texts = {1000: "Ever tried.", 600: "", 700: "No matter.", 800: "Try again.", 500: "Try"}
+    seen: list[tuple[int, bool, tuple[int, str] | None]] = []
+
+    def key(request: Any) -> int:
+        before = request.before
+        said = None if before is None else (len(before.audio) // 16, before.text)
+        seen.append((length_ms(request), request.draft, said))
+        return length_ms(request)
+
+    eng = GatedEngine(scripted(texts), key=key, gated=[1000], lanes=2)
+    async with pipeline(eng, lanes=2) as h:
+        h.items.handle([SpeechStarted(0, 0), Utterance(0, ms(1000), 0, 0, 1000, "silence")])
+        await eng.reached(1000)
+        # Cut while the first final is still on the engine: it goes alone.
+        h.items.handle([SpeechStarted(1, 1500), Utterance(1, ms(600), 0, 1500, 2100, "silence")])
+        await until(lambda: 600 in eng.finished, "the second final")
+        eng.open(1000)
+        await h.settle()
+        # The one just before said nothing: alone again.
+        h.items.handle([SpeechStarted(2, 3000), Utterance(2, ms(700), 0, 3000, 3700, "silence")])
+        await h.settle()
+        h.items.handle([SpeechStarted(3, 4500), InterimDue(3, ms(500))])
+        await h.settle()
+        h.items.handle([SpeechPaused(3, ms(800), 5300)])
+        await eng.reached(800)
+        h.items.handle([SpeechStopped(3, 5300, 5524)])
+        h.items.handle([Utterance(3, ms(800), 0, 4500, 5300, "silence")])
+        await h.settle()
+    assert seen == [
+        (1000, False, None),
+        (600, False, None),
+        (700, False, None),
+        (500, True, None),
+        (800, False, (700, "No matter.")),
+    ]
+    completed = [e["transcript"] for e in h.sent if e["type"] == COMPLETED]
+    assert completed == ["Ever tried.", "", "No matter.", "Try again."]

@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from agent.engines.base import Engine, EngineRequest
+from agent.engines.base import Engine, EngineRequest, SpokenBefore
 from agent.engines.whisper_window import (
     FULL_WINDOW_FRAMES,
     MIN_WINDOW_FRAMES,
@@ -218,3 +218,63 @@ def test_a_decode_that_stopped_early_goes_on_from_there(
     assert said.startswith(normalise(alone.text)), result.text
     assert last in said and said.endswith("back to the hotel"), result.text
     assert said.count("the city council") == 1  # the continuation does not say it all again
+
+
+def test_a_phrase_behind_the_one_before_says_only_its_own_words(
+    embedded_engine: Engine, beckett_audio: npt.NDArray[np.float32]
+) -> None:
+    """Each phrase decoded behind the phrase before it (its audio first, its text forced):
+    exactly the phrase, never the context's words again. A context that cannot serve (no
+    words, or the two too long for the short window) leaves the decode as it is alone."""
+    phrases = _phrases(beckett_audio)
+    for k in range(1, len(phrases)):
+        before = SpokenBefore(phrases[k - 1], BECKETT_PHRASES[k - 1].capitalize() + ".")
+        (result,) = embedded_engine.transcribe([EngineRequest(phrases[k], before=before)])
+        assert normalise(result.text) == BECKETT_PHRASES[k], (k, result.text)
+    (alone,) = embedded_engine.transcribe([EngineRequest(phrases[1])])
+    silent = SpokenBefore(phrases[0], " ")
+    long = SpokenBefore(np.tile(phrases[0], 12), "Ever tried. " * 12)
+    for unusable in (silent, long):
+        (result,) = embedded_engine.transcribe([EngineRequest(phrases[1], before=unusable)])
+        assert result.text == alone.text
+    draft = EngineRequest(phrases[1], draft=True, before=SpokenBefore(phrases[0], "Ever tried."))
+    (result,) = embedded_engine.transcribe([draft])
+    (plain,) = embedded_engine.transcribe([EngineRequest(phrases[1], draft=True)])
+    assert result.text == plain.text  # drafts never carry the cost
+
+
+def test_a_turn_is_heard_better_behind_the_turn_before(
+    embedded_engine: Engine, tmp_path: Path
+) -> None:
+    """Read speech cut by the server's own VAD and segmenter: alone, tiny.en hears the 7th
+    sentence's "three dollars short" as "free nother's short"; behind the 6th sentence (its
+    audio and text), it hears "$3 short", as it does inside a 30-s window."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("needs espeak-ng (scripts/test.sh installs it)")
+    from agent.config import Config
+    from agent.detector import SpeechDetector
+    from agent.segmenter import SegmenterOptions, Utterance
+    from agent.vad import SileroVad
+
+    wav = tmp_path / "read.wav"
+    subprocess.run(
+        [sys.executable, str(REPO / "bench/make_read_speech.py"), str(wav), "--sentences", "7"],
+        check=True,
+        capture_output=True,
+    )
+    config = Config()
+    options = SegmenterOptions.from_config(config.vad, config.segmenter)
+    detector = SpeechDetector(SileroVad(config.vad.model_path).stream(), options)
+    samples = read_audio(wav)
+    found = [*detector.process(samples), *detector.flush()]
+    turns = [event.audio for event in found if isinstance(event, Utterance)]
+    assert len(turns) == 7
+    (sixth,) = embedded_engine.transcribe([EngineRequest(turns[5])])
+    assert "passport" in normalise(sixth.text)
+    (alone,) = embedded_engine.transcribe([EngineRequest(turns[6])])
+    assert "3 short" not in normalise(alone.text), alone.text  # the case is still here
+    before = SpokenBefore(turns[5], sixth.text)
+    (behind,) = embedded_engine.transcribe([EngineRequest(turns[6], before=before)])
+    said = normalise(behind.text)
+    assert said.startswith("he counted the coins twice") and said.endswith("3 short"), said
+    assert "passport" not in said
