@@ -9,8 +9,8 @@ full`` restores the 30-s window. A final the short window doubts is speech at al
 again on the full one. A live final is decoded behind the utterance before it when the
 call has one (``EngineRequest.before``: its audio first, its text forced as the first
 segment): tiny.en hears a short turn better after the one before it. The decode itself
-follows faster-whisper's ``transcribe`` for one window (prompt, suppressed tokens, the no-speech rule), calling
-CTranslate2 directly because faster-whisper always pads to 30 s.
+follows faster-whisper's ``transcribe`` for one window (prompt, suppressed tokens, the
+no-speech rule), calling CTranslate2 directly because faster-whisper always pads to 30 s.
 """
 
 from __future__ import annotations
