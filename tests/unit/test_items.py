@@ -60,6 +60,21 @@ class Harness:
         return self.items._open[index]
 
 
+async def speak(
+    h: Harness, eng: GatedEngine, index: int, start_ms: int, interim_ms: int, end_ms: int
+) -> None:
+    """One item: an interim of its first ``interim_ms``, a pause at ``end_ms`` whose
+    speculative final the engine takes, then the stop after the hangover and the cut on
+    that same silence (the speculation is the final)."""
+    spoken = end_ms - start_ms
+    h.items.handle([SpeechStarted(index, start_ms), InterimDue(index, ms(interim_ms))])
+    await h.settle()
+    h.items.handle([SpeechPaused(index, ms(spoken), end_ms)])
+    await eng.reached(spoken)
+    h.items.handle([SpeechStopped(index, end_ms, end_ms + 224)])
+    h.items.handle([Utterance(index, ms(spoken + 224), 0, start_ms, end_ms, "silence")])
+
+
 @contextlib.asynccontextmanager
 async def pipeline(engine: GatedEngine, lanes: int = 1) -> AsyncIterator[Harness]:
     """An item pipeline on a started worker (one lane unless asked) on a hand-moved clock,
@@ -362,12 +377,7 @@ async def test_interims_are_drafts_and_finals_are_not() -> None:
     finals and speculative finals never do."""
     eng = GatedEngine(lambda key: "Fail again", key=lambda r: length_ms(r) * (-1 if r.draft else 1))
     async with pipeline(eng) as h:
-        h.items.handle([SpeechStarted(0, 0), InterimDue(0, ms(500))])
-        await h.settle()
-        h.items.handle([SpeechPaused(0, ms(900), 900)])
-        await eng.reached(900)
-        h.items.handle([SpeechStopped(0, 900, 1124)])
-        h.items.handle([Utterance(0, ms(1124), 0, 0, 900, "silence")])
+        await speak(h, eng, 0, 0, interim_ms=500, end_ms=900)
         h.items.handle([SpeechStarted(1, 2000), Utterance(1, ms(700), 0, 2000, 2700, "max_length")])
         await h.settle()
         assert eng.begun == [-500, 900, 700]
@@ -398,12 +408,7 @@ async def test_a_final_is_decoded_behind_the_utterance_said_before_it() -> None:
         # The one just before said nothing: alone again.
         h.items.handle([SpeechStarted(2, 3000), Utterance(2, ms(700), 0, 3000, 3700, "silence")])
         await h.settle()
-        h.items.handle([SpeechStarted(3, 4500), InterimDue(3, ms(500))])
-        await h.settle()
-        h.items.handle([SpeechPaused(3, ms(800), 5300)])
-        await eng.reached(800)
-        h.items.handle([SpeechStopped(3, 5300, 5524)])
-        h.items.handle([Utterance(3, ms(800), 0, 4500, 5300, "silence")])
+        await speak(h, eng, 3, 4500, interim_ms=500, end_ms=5300)
         await h.settle()
     assert seen == [
         (1000, False, None),
