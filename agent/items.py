@@ -107,6 +107,8 @@ class ItemPipeline:
         self._last_item_id: str | None = None
         self.language: str | None = None
         self.prompt: str | None = None
+        #: Finals go to the engine with the utterance before them (``EngineRequest.before``).
+        self.final_context = True
         #: The last utterance whose final came back with words, as (its number, what it
         #: was): the next utterance's final is decoded behind it (``EngineRequest.before``).
         self._before: tuple[int, SpokenBefore] | None = None
@@ -206,7 +208,7 @@ class ItemPipeline:
         """A final, behind the utterance just before it when that one's text is back (it
         usually is: a final takes ~0.3 s, a turn lasts seconds)."""
         before = None
-        if self._before is not None and self._before[0] == self.utterances:
+        if self.final_context and self._before is not None and self._before[0] == self.utterances:
             before = self._before[1]
         return EngineRequest(audio, language=self.language, prompt=self.prompt, before=before)
 

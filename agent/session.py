@@ -189,6 +189,7 @@ class TranscriptionSession:
             self._items.speculative = deps.config.engine.speculative_final
             self._items.speculative_hold_s = deps.config.engine.speculative_hold_ms / 1000
             self._items.interim_share = deps.config.engine.interim_share
+            self._items.final_context = deps.config.engine.final_context
         self._items.language = deps.config.engine.language or None
         self._sink: EventSink | None = None
         #: Events (JSON text, type) sent before a sink is attached.

@@ -419,3 +419,23 @@ async def test_a_final_is_decoded_behind_the_utterance_said_before_it() -> None:
     ]
     completed = [e["transcript"] for e in h.sent if e["type"] == COMPLETED]
     assert completed == ["Ever tried.", "", "No matter.", "Try again."]
+
+
+async def test_no_context_when_final_context_is_off() -> None:
+    """``engine.final_context: false``: every final goes alone, as before the option."""
+    befores: list[Any] = []
+
+    def key(request: Any) -> int:
+        befores.append(request.before)
+        return length_ms(request)
+
+    eng = GatedEngine(scripted({700: "No matter.", 800: "Try again."}), key=key)
+    async with pipeline(eng) as h:
+        h.items.final_context = False
+        h.items.handle([SpeechStarted(0, 0), Utterance(0, ms(700), 0, 0, 700, "silence")])
+        await h.settle()
+        h.items.handle([SpeechStarted(1, 1500), Utterance(1, ms(800), 0, 1500, 2300, "silence")])
+        await h.settle()
+    assert befores == [None, None]
+    completed = [e["transcript"] for e in h.sent if e["type"] == COMPLETED]
+    assert completed == ["No matter.", "Try again."]
