@@ -13,6 +13,11 @@ against:
   to this is its own loss.
 
     .venv/bin/python bench/offline_wer.py /tmp/read.wav          # reference: /tmp/read.txt
+    .venv/bin/python bench/offline_wer.py /tmp/read.wav --opus   # through Opus first
+
+``--opus`` first sends the file through an Opus encoder and decoder at 48 kHz (libopus's
+default bitrate, as a WebRTC call carries it) and runs everything on what comes out: the
+codec's share of the live WebRTC path's errors.
 
 Prints a markdown table (WER, words, decode CPU seconds) and saves it under bench/results/.
 """
@@ -22,8 +27,10 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -79,10 +86,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("wav", type=Path)
     parser.add_argument("--reference", type=Path, help="default: the WAV's .txt")
+    parser.add_argument("--opus", action="store_true", help="decode through Opus first")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     reference = (args.reference or args.wav.with_suffix(".txt")).read_text()
+    if args.opus:
+        args.wav = opus_round_trip(args.wav, Path(tempfile.mkdtemp()) / args.wav.name)
     rows, data = [], {"machine": machine_info(), "wav": str(args.wav), "runs": []}
+    data["opus"] = args.opus
     runs = [
         ("faster-whisper transcribe (30 s windows, VAD filter)", faster_whisper_text),
         ("voxtral-rtc transcribe, encoder_window fit", lambda w: cli_text(w, "fit")),
@@ -112,6 +123,45 @@ def main() -> None:
     print(table)
     if not args.no_save:
         print(*save_results("offline-wer", data, table), sep="\n")
+
+
+def opus_round_trip(wav: Path, out: Path) -> Path:
+    """``wav`` encoded to Opus at 48 kHz and decoded back to a 16-kHz WAV at ``out``."""
+    import av
+    import numpy as np
+
+    from voxtral_rtc_client import read_audio, wav_bytes
+
+    pcm = (np.clip(read_audio(wav), -1, 1) * 32767).astype(np.int16)
+    packets = []
+    encoder = av.CodecContext.create("libopus", "w")
+    encoder.sample_rate, encoder.layout, encoder.format = 48000, "mono", "s16"
+    to_48k = av.AudioResampler(format="s16", layout="mono", rate=48000)
+    for start in range(0, len(pcm) + 320, 320):  # 20-ms frames, then the resampler's tail
+        frames = to_48k.resample(_frame(pcm[start : start + 320]) if start < len(pcm) else None)
+        for frame in frames:
+            packets.extend(encoder.encode(frame))
+    packets.extend(encoder.encode(None))
+    decoder = av.CodecContext.create("libopus", "r")
+    decoder.sample_rate, decoder.layout = 48000, "mono"
+    to_16k = av.AudioResampler(format="s16", layout="mono", rate=16000)
+    chunks = [
+        piece.to_ndarray().reshape(-1)
+        for packet in packets
+        for frame in decoder.decode(packet)
+        for piece in to_16k.resample(frame)
+    ]
+    samples = np.concatenate(chunks).astype(np.float32) / 32768
+    out.write_bytes(wav_bytes(samples))
+    return out
+
+
+def _frame(pcm: Any) -> Any:
+    import av
+
+    frame = av.AudioFrame.from_ndarray(pcm[None], format="s16", layout="mono")
+    frame.sample_rate = 16000
+    return frame
 
 
 def _children_cpu() -> float:
