@@ -186,7 +186,7 @@ class EmbeddedWhisperEngine(Engine):
         spoken = spoken_text(
             tokens, begin, tokenizer.eot, tokenizer.decode, features.shape[1] / FRAMES_PER_S
         )
-        # Nothing after the context (the model ended there, ~15 % of read8's turns), a stop
+        # Nothing after the context (the model ended there: a minority of read turns), a stop
         # before the end, or a loop: the turn is decoded alone instead.
         if spoken.stopped_at is not None or repetitive(spoken.text):
             return ""
