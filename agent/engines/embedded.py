@@ -107,7 +107,6 @@ class EmbeddedWhisperEngine(Engine):
         if self._multilingual:
             language = request.language or self._config.language or "en"
         tokenizer = self._tokenizer(language)
-        features = self._model.feature_extractor(request.audio)
         options: dict[str, Any] = (
             {"beam_size": 1, "sampling_topk": 0, "sampling_temperature": self._config.temperature}
             if self._config.temperature > 0
@@ -118,6 +117,8 @@ class EmbeddedWhisperEngine(Engine):
             after = self._after(request.audio, request.before, tokenizer, given, options)
             if after:
                 return EngineResult(text=after, language=language)
+        # Only now: a final decoded behind the utterance before it needs the two's features.
+        features = self._model.feature_extractor(request.audio)
         texts: list[str] = []
         offset = 0  # frames already said
         for _ in range(MAX_CONTINUATIONS + 1):
