@@ -202,15 +202,16 @@ class ItemPipeline:
             self._turns.popleft()
 
     def _request(self, audio: Any, draft: bool = False) -> EngineRequest:
-        return EngineRequest(audio, language=self.language, prompt=self.prompt, draft=draft)
-
-    def _final_request(self, audio: Any) -> EngineRequest:
-        """A final, behind the utterance just before it when that one's text is back (it
-        usually is: a final takes ~0.3 s, a turn lasts seconds)."""
+        """An interim's draft, or the next utterance's final: behind the utterance just
+        before it when that one's text is back (it usually is: a final takes ~0.3 s, a turn
+        lasts seconds)."""
         before = None
-        if self.final_context and self._before is not None and self._before[0] == self.utterances:
-            before = self._before[1]
-        return EngineRequest(audio, language=self.language, prompt=self.prompt, before=before)
+        if not draft and self.final_context and self._before is not None:
+            number, said = self._before
+            before = said if number == self.utterances else None
+        return EngineRequest(
+            audio, language=self.language, prompt=self.prompt, draft=draft, before=before
+        )
 
     # -- interims -----------------------------------------------------------------------
 
@@ -256,7 +257,7 @@ class ItemPipeline:
         if item is None or not self.speculative:
             return
         self._drop_speculation(item)
-        request = self._final_request(pause.audio)
+        request = self._request(pause.audio)
         item.speculation_started = started = asyncio.Event()
         # Each pause decodes the whole utterance so far, and a decode cannot be stopped once
         # the engine has it. Read speech dips under the VAD threshold between many words;
@@ -306,17 +307,16 @@ class ItemPipeline:
         item.finalising = True
         self._send(events.committed(item.item_id, self._last_item_id))
         self._last_item_id = item.item_id
-        request = self._final_request(utt.audio)  # before the count moves on to this one
-        self.utterances += 1
-        self._observer.utterance_committed()
         decided_at = item.stopped_at if item.stopped_at is not None else self._clock.now()
         decided_ms = item.decided_ms if item.decided_ms is not None else utt.end_ms
         final = item.speculation if utt.cut == "silence" else None
         if final is None:
             self._drop_speculation(item)
-            final = self._spawn(self._worker.transcribe(request))
+            final = self._spawn(self._worker.transcribe(self._request(utt.audio)))
         else:
             self.speculations_reused += 1
+        self.utterances += 1  # after the request: it is behind the utterance before this one
+        self._observer.utterance_committed()
         speculative = final is item.speculation
         timings: events.Timings = {
             "speech_end_ms": float(utt.end_ms),
@@ -330,9 +330,9 @@ class ItemPipeline:
             "engine_ms": 0.0,
             "server_ms": 0.0,
         }
-        audio_s = len(utt.audio) / 16_000
-        said = (self.utterances, utt.audio)
-        self._spawn(self._complete(item, final, timings, decided_at, speculative, audio_s, said))
+        self._spawn(
+            self._complete(item, final, timings, decided_at, speculative, self.utterances, utt)
+        )
 
     async def _complete(
         self,
@@ -341,9 +341,10 @@ class ItemPipeline:
         timings: events.Timings,
         decided_at: float,
         speculative: bool,
-        audio_s: float,
-        said: tuple[int, Any],
+        number: int,
+        utt: Utterance,
     ) -> None:
+        """Sends the final of ``utt``, the call's utterance ``number``, once it is back."""
         try:
             done = await finished_within(self._clock, final, LAG_NOTICE_S)
             lag_ms = self._worker.lag_ms()
@@ -376,12 +377,11 @@ class ItemPipeline:
                 timings,
                 result.language,
                 speculative=speculative,
-                audio_s=audio_s,
+                audio_s=len(utt.audio) / 16_000,
             )
             completed["lag_ms"] = round(self._worker.lag_ms(), 1)
-            number, audio = said
             if result.text.strip() and (self._before is None or self._before[0] < number):
-                self._before = (number, SpokenBefore(audio, result.text))
+                self._before = (number, SpokenBefore(utt.audio, result.text))
             self._emit(item, completed)
             self._observer.final_completed((timings["vad_ms"] + timings["server_ms"]) / 1000)
         finally:
