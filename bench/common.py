@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import numpy as np
@@ -32,6 +32,9 @@ import yaml
 from agent.config import ENV_PREFIX, Config, load_config
 from agent.errors import ConfigError
 from voxtral_rtc_client.text import normalise
+
+if TYPE_CHECKING:  # the segmenter pulls in the VAD: loaded only where cuts are made
+    from agent.segmenter import Utterance
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -109,6 +112,20 @@ def process_cpu_seconds(pid: int | None = None, children: bool = False) -> float
     if children:
         utime += int(fields[13]) + int(fields[14])  # cutime, cstime: fields 16 and 17
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+def offline_cuts(samples: Any, config: Config) -> list[Utterance]:
+    """The server's own VAD and segmenter, with its options, over a whole file: its
+    ``Utterance`` cuts (pre-roll and hangover included), as a live call would make them."""
+    from agent.detector import SpeechDetector
+    from agent.segmenter import SegmenterOptions, Utterance
+    from agent.vad import SileroVad
+
+    options = SegmenterOptions.from_config(config.vad, config.segmenter)
+    detector = SpeechDetector(SileroVad(config.vad.model_path).stream(), options)
+    return [
+        ev for ev in [*detector.process(samples), *detector.flush()] if isinstance(ev, Utterance)
+    ]
 
 
 def machine_info() -> dict[str, Any]:

@@ -60,10 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.audio_formats import pcm16_wav
 from agent.config import Config
-from agent.detector import SpeechDetector
-from agent.segmenter import SegmenterOptions, Utterance
+from agent.segmenter import Utterance
 from agent.transports.webrtc_peer import restrict_host_addresses
-from agent.vad import SileroVad
 from bench.common import (
     LOOPBACK,
     REPO_ROOT,
@@ -75,6 +73,7 @@ from bench.common import (
     loopback_config,
     machine_info,
     markdown_table,
+    offline_cuts,
     process_cpu_seconds,
     report_header,
     run_bench,
@@ -198,15 +197,6 @@ def engine_figures(layout: str, deltas: dict[str, dict[str, float]]) -> dict[str
 
 
 # -- calibration: the node's file pipeline, one request at a time ------------------------
-
-
-def offline_cuts(samples: Any, config: Config) -> list[Utterance]:
-    """The segmenter's utterances over the file (what a gateway posts), with their audio."""
-    options = SegmenterOptions.from_config(config.vad, config.segmenter)
-    detector = SpeechDetector(SileroVad(config.vad.model_path).stream(), options)
-    return [
-        ev for ev in [*detector.process(samples), *detector.flush()] if isinstance(ev, Utterance)
-    ]
 
 
 async def calibrate(node_url: str, cuts: list[Utterance], repeat: int) -> dict[str, Any]:

@@ -34,7 +34,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine_info, markdown_table, save_results, word_errors
+from bench.common import (
+    machine_info,
+    markdown_table,
+    offline_cuts,
+    process_cpu_seconds,
+    save_results,
+    word_errors,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,18 +57,12 @@ def faster_whisper_text(wav: Path) -> str:
 
 def turns_text(wav: Path, behind: bool = True) -> str:
     from agent.config import Config
-    from agent.detector import SpeechDetector
     from agent.engines.base import EngineRequest, SpokenBefore
     from agent.engines.embedded import EmbeddedWhisperEngine
-    from agent.segmenter import SegmenterOptions, Utterance
-    from agent.vad import SileroVad
     from voxtral_rtc_client import read_audio
 
     config = Config()
-    options = SegmenterOptions.from_config(config.vad, config.segmenter)
-    detector = SpeechDetector(SileroVad(config.vad.model_path).stream(), options)
-    samples = read_audio(wav)
-    turns = [e for e in [*detector.process(samples), *detector.flush()] if isinstance(e, Utterance)]
+    turns = offline_cuts(read_audio(wav), config)
     engine = EmbeddedWhisperEngine(config.engine)
     texts: list[str] = []
     before: SpokenBefore | None = None
@@ -102,9 +103,9 @@ def main() -> None:
         ("the live path's turns, each decoded alone (fit)", lambda w: turns_text(w, False)),
     ]
     for name, run in runs:
-        cpu0, wall0 = _children_cpu() + time.process_time(), time.perf_counter()
+        cpu0, wall0 = process_cpu_seconds(children=True), time.perf_counter()
         text = run(args.wav)
-        cpu = _children_cpu() + time.process_time() - cpu0
+        cpu = process_cpu_seconds(children=True) - cpu0
         errors, words = word_errors(text, reference)
         wer = round(100 * errors / words, 2)
         rows.append([name, f"{wer:.1f}", f"{errors}/{words}", f"{cpu:.1f}"])
@@ -162,13 +163,6 @@ def _frame(pcm: Any) -> Any:
     frame = av.AudioFrame.from_ndarray(pcm[None], format="s16", layout="mono")
     frame.sample_rate = 16000
     return frame
-
-
-def _children_cpu() -> float:
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 if __name__ == "__main__":
