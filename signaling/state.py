@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,19 @@ from signaling.ratelimit import TokenBucketLimiter
 from signaling.webhook_sender import WebhookSender
 
 log = logging.getLogger(__name__)
+
+
+def _freeze_loaded_objects() -> None:
+    """Take what start-up loaded out of the collector's sight.
+
+    The libraries and the model leave some 400 000 objects that live as long as the server.
+    Every full collection walks them all with the GIL held: 0.1-0.3 s on a 2-core box, a
+    stall of the event loop in which every call's frames and ``/healthz`` wait. Collected
+    once here (start-up garbage, such as loading temporaries, is not kept), then frozen, a
+    full collection walks only what calls create.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 @dataclass(eq=False)
@@ -114,6 +128,7 @@ class ServerState:
         except Exception as exc:
             self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
             raise EngineLoadError(self.error) from exc
+        _freeze_loaded_objects()
         self.status = "ready"
         log.info("engine %s ready", self.worker.engine.name)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import socket
@@ -287,6 +288,17 @@ async def test_bombs_are_refused_cheaply(server: RunningServer, name: str) -> No
     assert "sample rate" in body["error"]["message"]
     assert watch.growth_bytes < MAX_GROWTH_BYTES, watch
     assert watch.health_s and max(watch.health_s) < MAX_HEALTH_S, watch.health_s
+
+
+async def test_what_start_up_loaded_is_frozen_out_of_collections(
+    server: RunningServer, embedded_engine: Engine
+) -> None:
+    """A full collection walks every tracked object with the GIL held; over the libraries
+    and the model that stalled ``/healthz`` past 200 ms (0.30 s on CI). Frozen when the
+    server became ready, the engine and all loaded before it are no longer walked."""
+    assert server.state.status == "ready"
+    assert gc.get_freeze_count() > 0
+    assert not any(obj is embedded_engine for obj in gc.get_objects())
 
 
 async def test_a_file_longer_than_it_declares_stops_at_the_limit(
