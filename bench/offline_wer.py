@@ -7,13 +7,15 @@ against:
   of up to 30 s, each decoded on the fitted and on the full window);
 - the live path's turns offline: the server's own VAD and segmenter over the file (its
   options, as ``bench/latency.py`` cuts its reference), each turn's audio (pre-roll and
-  hangover included) decoded by the engine behind the turn before it and that turn's text
-  (``EngineRequest.before``), as a live final is, but with no clock, no interims and no
-  speculation; and each turn alone, as finals were decoded before. What the live path adds
-  to this is its own loss.
+  hangover included) decoded by the engine behind the turn before it, that turn's text and
+  the texts of the finals before it (``EngineRequest.before``), as a live final is, but
+  with no clock, no interims and no speculation; and each turn alone, as finals were
+  decoded before. What the live path adds to this is its own loss. ``--earlier N`` sets how
+  many earlier texts (``agent.items.EARLIER_FINALS`` live).
 
     .venv/bin/python bench/offline_wer.py /tmp/read.wav          # reference: /tmp/read.txt
     .venv/bin/python bench/offline_wer.py /tmp/read.wav --opus   # through Opus first
+    .venv/bin/python bench/offline_wer.py /tmp/read.wav --turns-only --earlier 0
 
 ``--opus`` first sends the file through an Opus encoder and decoder at 48 kHz (libopus's
 default bitrate, as a WebRTC call carries it) and runs everything on what comes out: the
@@ -34,6 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agent.items import EARLIER_FINALS
 from bench.common import (
     machine_info,
     markdown_table,
@@ -55,7 +58,7 @@ def faster_whisper_text(wav: Path) -> str:
     return " ".join(segment.text for segment in segments)
 
 
-def turns_text(wav: Path, behind: bool = True) -> str:
+def turns_text(wav: Path, behind: bool = True, earlier: int = EARLIER_FINALS) -> str:
     from agent.config import Config
     from agent.engines.base import EngineRequest, SpokenBefore
     from agent.engines.embedded import EmbeddedWhisperEngine
@@ -65,12 +68,15 @@ def turns_text(wav: Path, behind: bool = True) -> str:
     turns = offline_cuts(read_audio(wav), config)
     engine = EmbeddedWhisperEngine(config.engine)
     texts: list[str] = []
+    said: list[str] = []  # the finals that said words, as the item pipeline keeps them
     before: SpokenBefore | None = None
     for turn in turns:
         text = engine.transcribe([EngineRequest(turn.audio, before=before)])[0].text
         texts.append(text)
         if behind and text.strip():  # the live path keeps the last final that said words
-            before = SpokenBefore(turn.audio, text)
+            prior = said[-earlier:] if earlier > 0 else []
+            before = SpokenBefore(turn.audio, text, " ".join(prior))
+            said.append(text.strip())
     return " ".join(texts)
 
 
@@ -88,20 +94,36 @@ def main() -> None:
     parser.add_argument("wav", type=Path)
     parser.add_argument("--reference", type=Path, help="default: the WAV's .txt")
     parser.add_argument("--opus", action="store_true", help="decode through Opus first")
+    parser.add_argument(
+        "--earlier",
+        type=int,
+        default=EARLIER_FINALS,
+        help="earlier finals' texts a turn behind the one before is conditioned on "
+        f"(the live path's: {EARLIER_FINALS}; 0: none)",
+    )
+    parser.add_argument(
+        "--turns-only", action="store_true", help="only the live path's turns, behind"
+    )
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     reference = (args.reference or args.wav.with_suffix(".txt")).read_text()
     if args.opus:
         args.wav = opus_round_trip(args.wav, Path(tempfile.mkdtemp()) / args.wav.name)
     rows, data = [], {"machine": machine_info(), "wav": str(args.wav), "runs": []}
-    data["opus"] = args.opus
+    data["opus"], data["earlier"] = args.opus, args.earlier
+    behind = (
+        f"the live path's turns, each behind the one before, {args.earlier} earlier texts (fit)",
+        lambda w: turns_text(w, earlier=args.earlier),
+    )
     runs = [
         ("faster-whisper transcribe (30 s windows, VAD filter)", faster_whisper_text),
         ("voxtral-rtc transcribe, encoder_window fit", lambda w: cli_text(w, "fit")),
         ("voxtral-rtc transcribe, encoder_window full", lambda w: cli_text(w, "full")),
-        ("the live path's turns, each behind the one before (fit)", turns_text),
+        behind,
         ("the live path's turns, each decoded alone (fit)", lambda w: turns_text(w, False)),
     ]
+    if args.turns_only:
+        runs = [behind]
     for name, run in runs:
         cpu0, wall0 = process_cpu_seconds(children=True), time.perf_counter()
         text = run(args.wav)

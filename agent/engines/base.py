@@ -53,6 +53,9 @@ class SpokenBefore:
 
     audio: Samples
     text: str
+    #: The call's final texts before that one (the last few, oldest first, joined): Whisper
+    #: is conditioned on them as faster-whisper conditions a window on the text before it.
+    earlier: str = ""
 
 
 @dataclass(frozen=True, eq=False)

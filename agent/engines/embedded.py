@@ -8,9 +8,10 @@ rather than Whisper's fixed 30 s, which is most of a decode's CPU; ``engine.enco
 full`` restores the 30-s window. A final the short window doubts is speech at all is decoded
 again on the full one. A live final is decoded behind the utterance before it when the
 call has one (``EngineRequest.before``: its audio first, its text forced as the first
-segment): tiny.en hears a short turn better after the one before it. The decode itself
-follows faster-whisper's ``transcribe`` for one window (prompt, suppressed tokens, the
-no-speech rule), calling CTranslate2 directly because faster-whisper always pads to 30 s.
+segment, and the finals before that as its prompt): tiny.en hears a short turn better
+after the one before it. The decode itself follows faster-whisper's ``transcribe`` for one
+window (prompt, suppressed tokens, the no-speech rule), calling CTranslate2 directly
+because faster-whisper always pads to 30 s.
 """
 
 from __future__ import annotations
@@ -113,6 +114,10 @@ class EmbeddedWhisperEngine(Engine):
             else {"beam_size": 1 if request.draft else self._config.beam_size}
         )
         given = " " + request.prompt.strip() if request.prompt else ""
+        if request.before is not None and not request.draft and request.before.earlier.strip():
+            # The call's text before the context, after the caller's own prompt, as
+            # faster-whisper follows ``initial_prompt`` with the text of earlier windows.
+            given += " " + request.before.earlier.strip()
         if request.before is not None and not request.draft:
             after = self._after(request.audio, request.before, tokenizer, given, options)
             if after:

@@ -13,7 +13,7 @@ import numpy as np
 from agent.config import EngineConfig
 from agent.detector import InterimDue
 from agent.engines.worker import EngineWorker
-from agent.items import HOLD_S, ItemPipeline
+from agent.items import EARLIER_FINALS, HOLD_S, ItemPipeline
 from agent.segmenter import SpeechPaused, SpeechResumed, SpeechStarted, SpeechStopped, Utterance
 from tests.support.clock import ManualClock, until
 from tests.support.engine_gate import GatedEngine, length_ms
@@ -419,6 +419,43 @@ async def test_a_final_is_decoded_behind_the_utterance_said_before_it() -> None:
     ]
     completed = [e["transcript"] for e in h.sent if e["type"] == COMPLETED]
     assert completed == ["Ever tried.", "", "No matter.", "Try again."]
+
+
+async def test_a_final_behind_the_one_before_carries_the_finals_before_that() -> None:
+    """The previous utterance's final text goes as ``before.text``; the finals before it
+    (at most ``EARLIER_FINALS``, oldest first, those with no words left out) as
+    ``before.earlier``, the embedded engine's prompt."""
+    lengths = [700 + 10 * k for k in range(9)]
+    texts = {ms_: f"Sentence {k}." for k, ms_ in enumerate(lengths)}
+    texts[lengths[2]] = ""  # said nothing: neither context nor earlier text
+    befores: list[Any] = []
+
+    def key(request: Any) -> int:
+        befores.append(request.before)
+        return length_ms(request)
+
+    eng = GatedEngine(scripted(texts), key=key)
+    async with pipeline(eng) as h:
+        start = 0
+        for k, length in enumerate(lengths):
+            h.items.handle(
+                [
+                    SpeechStarted(k, start),
+                    Utterance(k, ms(length), 0, start, start + length, "silence"),
+                ]
+            )
+            await h.settle()
+            start += length + 800
+    assert befores[0] is None and befores[3] is None  # the first, and after the empty one
+    assert [(b.text, b.earlier) for b in befores[1:3]] == [
+        ("Sentence 0.", ""),
+        ("Sentence 1.", "Sentence 0."),
+    ]
+    assert befores[4].text == "Sentence 3."
+    assert befores[4].earlier == "Sentence 0. Sentence 1."
+    assert befores[8].text == "Sentence 7."
+    assert befores[8].earlier == "Sentence 1. Sentence 3. Sentence 4. Sentence 5. Sentence 6."
+    assert EARLIER_FINALS == 5
 
 
 async def test_no_context_when_final_context_is_off() -> None:

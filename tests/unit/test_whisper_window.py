@@ -223,14 +223,20 @@ def test_a_decode_that_stopped_early_goes_on_from_there(
 def test_a_phrase_behind_the_one_before_says_only_its_own_words(
     embedded_engine: Engine, beckett_audio: npt.NDArray[np.float32]
 ) -> None:
-    """Each phrase decoded behind the phrase before it (its audio first, its text forced):
-    exactly the phrase, never the context's words again. A context that cannot serve (no
+    """Each phrase decoded behind the phrase before it (its audio first, its text forced,
+    the phrases before that as the prompt or not): exactly the phrase, never the context's
+    or the prompt's words again. A context that cannot serve (no
     words, or the two too long for the short window) leaves the decode as it is alone."""
     phrases = _phrases(beckett_audio)
+    said = [phrase.capitalize() + "." for phrase in BECKETT_PHRASES]
     for k in range(1, len(phrases)):
-        before = SpokenBefore(phrases[k - 1], BECKETT_PHRASES[k - 1].capitalize() + ".")
+        before = SpokenBefore(phrases[k - 1], said[k - 1])
         (result,) = embedded_engine.transcribe([EngineRequest(phrases[k], before=before)])
         assert normalise(result.text) == BECKETT_PHRASES[k], (k, result.text)
+        # The finals before that one, as the prompt: still only the phrase's own words.
+        before = SpokenBefore(phrases[k - 1], said[k - 1], " ".join(said[: k - 1]))
+        (result,) = embedded_engine.transcribe([EngineRequest(phrases[k], before=before)])
+        assert normalise(result.text) == BECKETT_PHRASES[k], (k, before.earlier, result.text)
     (alone,) = embedded_engine.transcribe([EngineRequest(phrases[1])])
     silent = SpokenBefore(phrases[0], " ")
     long = SpokenBefore(np.tile(phrases[0], 12), "Ever tried. " * 12)
