@@ -308,8 +308,9 @@ class EngineConfig:
     #: starts well inside the hangover (``segmenter.min_silence_ms``).
     speculative_hold_ms: int = 64
     #: Decode a live final behind the call's previous utterance (its audio first, its final
-    #: text forced): the embedded engine mishears fewer short turns (read8 turn by turn:
-    #: 12.7 -> 9.1 % WER) for about a third more CPU per final. Other engines ignore it.
+    #: text forced, the finals before it as the prompt): the embedded engine mishears fewer
+    #: short turns (read8 turn by turn: 12.7 -> 9.1 % WER with no prompt) for about a third
+    #: more CPU per final. Other engines ignore it.
     final_context: bool = True
     #: Engine calls run in parallel (each its own thread). The embedded CPU engine keeps one
     #: model replica per lane so a final never waits behind an interim; GPU engines batch
