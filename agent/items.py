@@ -58,8 +58,8 @@ ENGINE_LAG = "voxtral.engine_lag"
 #: A final behind the utterance before it is also conditioned on the texts of this many
 #: finals before that one (``SpokenBefore.earlier``). Read speech turn by turn, six files
 #: of 6416 words (``bench/offline_wer.py --turns-only --earlier N``, docs/benchmarks.md):
-#: 8.9 % WER against 9.6 % with none, for no more CPU. Three or ten did no better; all of
-#: the call's text (up to Whisper's 223 prompt tokens) was worse than none.
+#: 8.9 % WER against 9.6 % with none, for ~5 % more decoding CPU. Three or ten did no
+#: better; all of the call's text (up to Whisper's 223 prompt tokens) was worse than none.
 EARLIER_FINALS = 5
 #: Until its first delta, an item's interims go at the detector's pace (for up to this many
 #: hypotheses): the agreement needs two that agree, and the first words are the ones a
