@@ -114,11 +114,12 @@ class EmbeddedWhisperEngine(Engine):
             else {"beam_size": 1 if request.draft else self._config.beam_size}
         )
         given = " " + request.prompt.strip() if request.prompt else ""
-        if request.before is not None and not request.draft and request.before.earlier.strip():
-            # The call's text before the context, after the caller's own prompt, as
-            # faster-whisper follows ``initial_prompt`` with the text of earlier windows.
-            given += " " + request.before.earlier.strip()
         if request.before is not None and not request.draft:
+            earlier = request.before.earlier.strip()
+            if earlier:
+                # The call's text before the context, after the caller's own prompt, as
+                # faster-whisper follows ``initial_prompt`` with the text of earlier windows.
+                given += " " + earlier
             after = self._after(request.audio, request.before, tokenizer, given, options)
             if after:
                 return EngineResult(text=after, language=language)

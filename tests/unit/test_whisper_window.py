@@ -225,8 +225,8 @@ def test_a_phrase_behind_the_one_before_says_only_its_own_words(
 ) -> None:
     """Each phrase decoded behind the phrase before it (its audio first, its text forced,
     the phrases before that as the prompt or not): exactly the phrase, never the context's
-    or the prompt's words again. A context that cannot serve (no
-    words, or the two too long for the short window) leaves the decode as it is alone."""
+    or the prompt's words again. A context that cannot serve (no words, or the two too long
+    for the short window) leaves the decode as it is alone."""
     phrases = _phrases(beckett_audio)
     said = [phrase.capitalize() + "." for phrase in BECKETT_PHRASES]
     for k in range(1, len(phrases)):
