@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from aiohttp import web
+from threadpoolctl import threadpool_limits
 
 from agent.call_hub import CallHub
 from agent.config import Config
@@ -47,6 +48,19 @@ def _freeze_loaded_objects() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def _one_blas_thread() -> None:
+    """Run numpy's BLAS (OpenBLAS) on the thread that calls it.
+
+    The engine lanes call it for each decode's log-mel (faster-whisper's filter bank is a
+    matrix product). OpenBLAS starts a worker per core and each one spins after every
+    product, waiting for more: on a 2-core box that thread alone took a third of the
+    server's CPU in a call, 31 against 17 % of a core with it gone
+    (``bench/latency.py --audio read60.wav``), and finals came no later. The server's
+    parallelism is its lanes and calls, not one matrix split in two.
+    """
+    threadpool_limits(limits=1, user_api="blas")
 
 
 @dataclass(eq=False)
@@ -117,6 +131,7 @@ class ServerState:
 
     async def load(self, engine: Engine | None = None) -> None:
         """Load the VAD and the engine (or use ``engine``), warm up, become ready."""
+        _one_blas_thread()
         try:
             loop = asyncio.get_running_loop()
             self.vad = await loop.run_in_executor(self.executor, create_vad, self.config.vad)

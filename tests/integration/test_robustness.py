@@ -16,6 +16,7 @@ import numpy.typing as npt
 import pytest
 from aiortc import RTCPeerConnection
 from prometheus_client.parser import text_string_to_metric_families
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from agent.config import WebRTCConfig
 from agent.engines.base import Engine, EngineRequest, EngineResult
@@ -96,6 +97,23 @@ async def wait_for(predicate: Any, timeout: float, step: float = 0.05) -> None:
         if time.perf_counter() > deadline:
             raise TimeoutError(f"condition not met within {timeout} s")
         await asyncio.sleep(step)
+
+
+# -- start-up -------------------------------------------------------------------------------
+
+
+async def test_numpys_blas_runs_on_one_thread_once_the_server_loads() -> None:
+    """OpenBLAS starts a worker per core that spins after every matrix product (each
+    decode's log-mel): a third of the server's CPU in a call on 2 cores. The limit is
+    process-wide, so it is raised first: only this server's start-up can bring it to 1."""
+    threadpool_limits(limits=2, user_api="blas")
+    assert [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"] == [2]
+    server = await start_server(make_config(VAD__KIND="energy"), engine=Echo())
+    try:
+        blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+        assert blas == [1]
+    finally:
+        await server.stop()
 
 
 # -- admission ------------------------------------------------------------------------------
