@@ -117,15 +117,29 @@ def process_cpu_seconds(pid: int | None = None, children: bool = False) -> float
 def offline_cuts(samples: Any, config: Config) -> list[Utterance]:
     """The server's own VAD and segmenter, with its options, over a whole file: its
     ``Utterance`` cuts (pre-roll and hangover included), as a live call would make them."""
+    return [cut for cut, _ in offline_finals(samples, config)]
+
+
+def offline_finals(samples: Any, config: Config) -> list[tuple[Utterance, Any]]:
+    """Each of ``offline_cuts``' cuts with the audio its live final decodes: with
+    ``engine.speculative_final`` on, a cut on silence is decoded on its last pause's audio
+    (``SpeechPaused``, the decode started before the hangover ended), any other on its own."""
     from agent.detector import SpeechDetector
-    from agent.segmenter import SegmenterOptions, Utterance
+    from agent.segmenter import SegmenterOptions, SpeechPaused, Utterance
     from agent.vad import SileroVad
 
     options = SegmenterOptions.from_config(config.vad, config.segmenter)
     detector = SpeechDetector(SileroVad(config.vad.model_path).stream(), options)
-    return [
-        ev for ev in [*detector.process(samples), *detector.flush()] if isinstance(ev, Utterance)
-    ]
+    finals: list[tuple[Utterance, Any]] = []
+    paused: dict[int, Any] = {}
+    for ev in [*detector.process(samples), *detector.flush()]:
+        if isinstance(ev, SpeechPaused):
+            paused[ev.index] = ev.audio
+        elif isinstance(ev, Utterance):
+            pause = paused.pop(ev.index, None)
+            speculative = config.engine.speculative_final and ev.cut == "silence"
+            finals.append((ev, pause if speculative and pause is not None else ev.audio))
+    return finals
 
 
 def machine_info() -> dict[str, Any]:

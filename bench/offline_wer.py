@@ -6,16 +6,19 @@ against:
 - our file transcription (``voxtral-rtc transcribe``: the VAD's regions packed into pieces
   of up to 30 s, each decoded on the fitted and on the full window);
 - the live path's turns offline: the server's own VAD and segmenter over the file (its
-  options, as ``bench/latency.py`` cuts its reference), each turn's audio (pre-roll and
-  hangover included) decoded by the engine behind the turn before it, that turn's text and
-  the texts of the finals before it (``EngineRequest.before``), as a live final is, but
-  with no clock, no interims and no speculation; and each turn alone, as finals were
-  decoded before. What the live path adds to this is its own loss. ``--earlier N`` sets how
-  many earlier texts (``agent.items.EARLIER_FINALS`` live).
+  options, as ``bench/latency.py`` cuts its reference), each turn decoded by the engine
+  behind the turn before it (its cut audio, pre-roll and hangover included), that turn's
+  text and the texts of the finals before it (``EngineRequest.before``), as a live final
+  is, but with no clock and no interims; a turn cut on silence is decoded on the audio of
+  its last pause, as the speculative final hears it (``--no-speculative``: on the cut's
+  own audio, as with ``engine.speculative_final`` off); and each turn alone, as finals
+  were decoded before. What the live path adds to this is its own loss. ``--earlier N``
+  sets how many earlier texts (``agent.items.EARLIER_FINALS`` live).
 
     .venv/bin/python bench/offline_wer.py /tmp/read.wav          # reference: /tmp/read.txt
     .venv/bin/python bench/offline_wer.py /tmp/read.wav --opus   # through Opus first
     .venv/bin/python bench/offline_wer.py /tmp/read.wav --turns-only --earlier 0
+    .venv/bin/python bench/offline_wer.py /tmp/read.wav --turns-only --no-speculative
 
 ``--opus`` first sends the file through an Opus encoder and decoder at 48 kHz (libopus's
 default bitrate, as a WebRTC call carries it) and runs everything on what comes out: the
@@ -31,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +44,7 @@ from agent.items import EARLIER_FINALS
 from bench.common import (
     machine_info,
     markdown_table,
-    offline_cuts,
+    offline_finals,
     process_cpu_seconds,
     save_results,
     word_errors,
@@ -58,20 +62,23 @@ def faster_whisper_text(wav: Path) -> str:
     return " ".join(segment.text for segment in segments)
 
 
-def turns_text(wav: Path, behind: bool = True, earlier: int = EARLIER_FINALS) -> str:
+def turns_text(
+    wav: Path, behind: bool = True, earlier: int = EARLIER_FINALS, speculative: bool = True
+) -> str:
     from agent.config import Config
     from agent.engines.base import EngineRequest, SpokenBefore
     from agent.engines.embedded import EmbeddedWhisperEngine
     from voxtral_rtc_client import read_audio
 
     config = Config()
-    turns = offline_cuts(read_audio(wav), config)
+    config = replace(config, engine=replace(config.engine, speculative_final=speculative))
+    turns = offline_finals(read_audio(wav), config)
     engine = EmbeddedWhisperEngine(config.engine)
     texts: list[str] = []
     said: list[str] = []  # the finals that said words, as the item pipeline keeps them
     before: SpokenBefore | None = None
-    for turn in turns:
-        text = engine.transcribe([EngineRequest(turn.audio, before=before)])[0].text
+    for turn, audio in turns:
+        text = engine.transcribe([EngineRequest(audio, before=before)])[0].text
         texts.append(text)
         if behind and text.strip():  # the live path keeps the last final that said words
             prior = said[-earlier:] if earlier > 0 else []
@@ -104,6 +111,11 @@ def main() -> None:
     parser.add_argument(
         "--turns-only", action="store_true", help="only the live path's turns, behind"
     )
+    parser.add_argument(
+        "--no-speculative",
+        action="store_true",
+        help="decode a turn on its cut audio, not its last pause's (speculative_final off)",
+    )
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     reference = (args.reference or args.wav.with_suffix(".txt")).read_text()
@@ -111,16 +123,22 @@ def main() -> None:
         args.wav = opus_round_trip(args.wav, Path(tempfile.mkdtemp()) / args.wav.name)
     rows, data = [], {"machine": machine_info(), "wav": str(args.wav), "runs": []}
     data["opus"], data["earlier"] = args.opus, args.earlier
+    data["speculative"] = speculative = not args.no_speculative
+    audio = "the last pause's audio" if speculative else "the cut's audio"
     behind = (
-        f"the live path's turns, each behind the one before, {args.earlier} earlier texts (fit)",
-        lambda w: turns_text(w, earlier=args.earlier),
+        f"the live path's turns, each behind the one before, {args.earlier} earlier texts, "
+        f"{audio} (fit)",
+        lambda w: turns_text(w, earlier=args.earlier, speculative=speculative),
     )
     runs = [
         ("faster-whisper transcribe (30 s windows, VAD filter)", faster_whisper_text),
         ("voxtral-rtc transcribe, encoder_window fit", lambda w: cli_text(w, "fit")),
         ("voxtral-rtc transcribe, encoder_window full", lambda w: cli_text(w, "full")),
         behind,
-        ("the live path's turns, each decoded alone (fit)", lambda w: turns_text(w, False)),
+        (
+            f"the live path's turns, each decoded alone, {audio} (fit)",
+            lambda w: turns_text(w, False, speculative=speculative),
+        ),
     ]
     if args.turns_only:
         runs = [behind]

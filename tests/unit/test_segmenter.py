@@ -194,12 +194,16 @@ def test_pause_carries_audio_so_far_and_resume_voids_it() -> None:
     ]
     first_pause, second_pause, utt = evs[1], evs[3], evs[5]
     assert first_pause.at_ms == 16 * WINDOW_MS
-    # The pause snapshot is the region's audio up to and including the first silent window.
-    assert list(first_pause.audio[::WINDOW_SAMPLES]) == list(range(5, 16))
-    # The final utterance extends the last pause's snapshot by the rest of the hangover.
-    n = len(second_pause.audio)
-    assert np.array_equal(utt.audio[:n], second_pause.audio)
-    assert len(utt.audio) - n == 6 * WINDOW_SAMPLES
+    # The pause snapshot is the region's audio up to and including the first silent window,
+    # then the rest of the hangover (6 of its 7 windows) as digital silence.
+    assert list(first_pause.audio[::WINDOW_SAMPLES]) == [*range(5, 16), *[0] * 6]
+    assert not first_pause.audio[11 * WINDOW_SAMPLES :].any()
+    # As long as the cut: the final utterance is the last pause's snapshot with the
+    # hangover heard in place of that silence.
+    heard = len(second_pause.audio) - 6 * WINDOW_SAMPLES
+    assert len(second_pause.audio) == len(utt.audio)
+    assert np.array_equal(utt.audio[:heard], second_pause.audio[:heard])
+    assert utt.audio[heard:].all() and not second_pause.audio[heard:].any()
 
 
 def test_unconfirmed_blip_never_pauses() -> None:
@@ -232,9 +236,12 @@ def test_peek_pauses_before_the_window_and_the_window_confirms_it() -> None:
     (pause,) = seg.peek(0.1, tail)
     assert isinstance(pause, SpeechPaused)
     assert pause.at_ms == 15 * WINDOW_MS + 10
-    # Everything heard so far: pre-roll + speech windows, then the partial tail.
-    assert len(pause.audio) == 15 * WINDOW_SAMPLES + 160
-    assert np.array_equal(pause.audio[-160:], tail)
+    # Everything heard so far: pre-roll + speech windows, then the partial tail; then the
+    # hangover's 7 windows less the tail's 160 samples, unheard, as digital silence.
+    heard = 15 * WINDOW_SAMPLES + 160
+    assert len(pause.audio) == heard + 7 * WINDOW_SAMPLES - 160
+    assert np.array_equal(pause.audio[heard - 160 : heard], tail)
+    assert not pause.audio[heard:].any()
     assert seg.paused
     assert seg.peek(0.0, tail) == []  # one pause, not one per look
     # The silent window confirms the pause: no second SpeechPaused; the hangover cuts as usual.
@@ -245,6 +252,7 @@ def test_peek_pauses_before_the_window_and_the_window_confirms_it() -> None:
     stop, utt = evs
     assert stop.end_ms == 15 * WINDOW_MS  # times stay on the window grid
     assert utt.cut == "silence"
+    assert len(utt.audio) == len(pause.audio)  # the speculative decode heard the cut's length
     assert not seg.paused
 
 
