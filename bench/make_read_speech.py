@@ -71,6 +71,12 @@ def speak(text: str, voice: str, folder: Path) -> np.ndarray:
     return (audio / max(1e-6, float(np.abs(audio).max())) * 0.5).astype(np.float32)
 
 
+def without_trailing_silence(audio: np.ndarray) -> np.ndarray:
+    """``audio`` up to its last sample above -60 dBFS."""
+    loud = np.flatnonzero(np.abs(audio) > 1e-3)
+    return audio[: loud[-1] + 1] if len(loud) else audio
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="WAV file to write (16 kHz mono s16)")
@@ -98,8 +104,11 @@ def main() -> None:
     parts = [np.zeros(RATE // 2, np.float32)]
     with tempfile.TemporaryDirectory() as tmp:
         for i, (voice, text) in enumerate(read):
-            parts.append(speak(text, voice, Path(tmp)))
+            spoken = speak(text, voice, Path(tmp))
             last_of_turn = (i + 1) % args.per_utterance == 0 or i + 1 == len(read)
+            # espeak-ng ends each sentence with about 0.3 s of silence: inside a turn it
+            # goes, or the gap would be long enough for a VAD to cut the turn there.
+            parts.append(spoken if last_of_turn else without_trailing_silence(spoken))
             parts.append(pause if last_of_turn else gap)
     audio = np.concatenate(parts)
     with wave.open(str(args.out), "wb") as wav:
