@@ -55,10 +55,10 @@ def _one_blas_thread() -> None:
 
     The engine lanes call it for each decode's log-mel (faster-whisper's filter bank is a
     matrix product). OpenBLAS starts a worker per core and each one spins after every
-    product, waiting for more: on a 2-core box that thread alone took a third of the
-    server's CPU in a call, 31 against 17 % of a core with it gone
-    (``bench/latency.py --audio read60.wav``), and finals came no later. The server's
-    parallelism is its lanes and calls, not one matrix split in two.
+    product, waiting for more: on a 2-core box that thread took about a third of the
+    server's CPU in a call (27-29 % of a core against 16-19 % with it gone,
+    ``bench/latency.py --audio read60.wav``, docs/benchmarks.md), and finals came no
+    later. The server's parallelism is its lanes and calls, not one matrix split in two.
     """
     threadpool_limits(limits=1, user_api="blas")
 
