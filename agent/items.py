@@ -90,6 +90,24 @@ class _Item:
     done: bool = False
 
 
+class SpokenHistory:
+    """A call's finals that said words, as the next final's ``EngineRequest.before``: the
+    last one (its audio and text) with the texts of up to ``earlier`` finals before it,
+    oldest first. ``bench/offline_wer.py`` keeps its turns' with the same rule."""
+
+    def __init__(self, earlier: int = EARLIER_FINALS) -> None:
+        self.last: SpokenBefore | None = None
+        self._earlier: deque[str] = deque(maxlen=earlier)
+
+    def add(self, audio: Any, text: str) -> None:
+        """A final came back: one with no words changes nothing."""
+        if not text.strip():
+            return
+        if self.last is not None:
+            self._earlier.append(self.last.text.strip())
+        self.last = SpokenBefore(audio, text, " ".join(self._earlier))
+
+
 class ItemPipeline:
     def __init__(
         self,
@@ -115,11 +133,10 @@ class ItemPipeline:
         self.prompt: str | None = None
         #: Finals go to the engine with the utterance before them (``EngineRequest.before``).
         self.final_context = True
-        #: The last utterance whose final came back with words, as (its number, what it
-        #: was): the next utterance's final is decoded behind it (``EngineRequest.before``).
-        self._before: tuple[int, SpokenBefore] | None = None
-        #: The texts of the finals before ``_before``'s, oldest first (``SpokenBefore.earlier``).
-        self._earlier: deque[str] = deque(maxlen=EARLIER_FINALS)
+        #: The finals that came back with words: the next utterance's final is decoded
+        #: behind the last of them (``EngineRequest.before``), utterance ``_spoken_number``.
+        self._spoken = SpokenHistory()
+        self._spoken_number = 0
         self.include_interim = False
         #: Interims of one item take at most this share of the time (the engine's share of a
         #: core on the embedded engine): after a hypothesis that took ``d`` s of engine time,
@@ -214,9 +231,8 @@ class ItemPipeline:
         before it when that one's text is back (it usually is: a final takes ~0.3 s, a turn
         lasts seconds)."""
         before = None
-        if not draft and self.final_context and self._before is not None:
-            number, said = self._before
-            before = said if number == self.utterances else None
+        if not draft and self.final_context and self._spoken_number == self.utterances:
+            before = self._spoken.last
         return EngineRequest(
             audio, language=self.language, prompt=self.prompt, draft=draft, before=before
         )
@@ -388,11 +404,9 @@ class ItemPipeline:
                 audio_s=len(utt.audio) / 16_000,
             )
             completed["lag_ms"] = round(self._worker.lag_ms(), 1)
-            if result.text.strip() and (self._before is None or self._before[0] < number):
-                if self._before is not None:
-                    self._earlier.append(self._before[1].text.strip())
-                earlier = " ".join(self._earlier)
-                self._before = (number, SpokenBefore(utt.audio, result.text, earlier))
+            if result.text.strip() and number > self._spoken_number:
+                self._spoken.add(utt.audio, result.text)
+                self._spoken_number = number
             self._emit(item, completed)
             self._observer.final_completed((timings["vad_ms"] + timings["server_ms"]) / 1000)
         finally:

@@ -193,7 +193,7 @@ class Segmenter:
         if not self.options.turn_detection or not self._turns.peek(probability):
             return []
         at_ms = self._clock_ms + len(tail) * WINDOW_MS // WINDOW_SAMPLES
-        audio = self._as_cut(np.concatenate([*self._audio, tail]), silent_samples=len(tail))
+        audio = self._as_cut([*self._audio, tail], silent_samples=len(tail))
         return [SpeechPaused(self._index, audio, at_ms)]
 
     def commit(self) -> list[SegmenterEvent]:
@@ -242,7 +242,7 @@ class Segmenter:
                 case Resumed():
                     events.append(SpeechResumed(self._index))
                 case Paused():
-                    audio = self._as_cut(self.open_audio(), silent_samples=WINDOW_SAMPLES)
+                    audio = self._as_cut(self._audio, silent_samples=WINDOW_SAMPLES)
                     events.append(SpeechPaused(self._index, audio, self._clock_ms))
                 case Started(start):
                     self._index = self._next_index
@@ -288,17 +288,17 @@ class Segmenter:
         return events
 
     def _as_cut(
-        self, audio: npt.NDArray[np.float32], silent_samples: int
+        self, heard: list[npt.NDArray[np.float32]], silent_samples: int
     ) -> npt.NDArray[np.float32]:
-        """``audio``, paused after ``silent_samples`` of silence, as long as the cut will be
-        if the silence lasts out the hangover: the rest of it as digital silence. tiny.en
-        mishears more of speech that stops one window before the end of its audio: the
-        live path's turns decoded offline (``bench/offline_wer.py --turns-only``, six files
-        of read speech, 6416 words) made 597 errors on the audio up to the pause, 578 on it
-        padded so, 573 on the cut itself (docs/benchmarks.md)."""
+        """``heard`` joined (one copy), paused after ``silent_samples`` of silence, as long
+        as the cut will be if the silence lasts out the hangover: the rest of it as digital
+        silence. tiny.en mishears more of speech that stops one window before the end of
+        its audio: the live path's turns decoded offline (``bench/offline_wer.py
+        --turns-only``, six files of read speech, 6416 words) made 597 errors on the audio
+        up to the pause, 578 on it padded so, 573 on the cut itself (docs/benchmarks.md)."""
         hangover = self.options.turns.min_silence_windows * WINDOW_SAMPLES
         silence = np.zeros(max(hangover - silent_samples, 0), np.float32)
-        return np.concatenate([audio, silence])
+        return np.concatenate([*heard, silence])
 
     def _full(self) -> bool:
         """Would one more window overflow ``max_utterance_ms``? Cut before it does: engines

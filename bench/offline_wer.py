@@ -40,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.items import EARLIER_FINALS
+from agent.items import EARLIER_FINALS, SpokenHistory
 from bench.common import (
     machine_info,
     markdown_table,
@@ -66,7 +66,7 @@ def turns_text(
     wav: Path, behind: bool = True, earlier: int = EARLIER_FINALS, speculative: bool = True
 ) -> str:
     from agent.config import Config
-    from agent.engines.base import EngineRequest, SpokenBefore
+    from agent.engines.base import EngineRequest
     from agent.engines.embedded import EmbeddedWhisperEngine
     from voxtral_rtc_client import read_audio
 
@@ -75,15 +75,12 @@ def turns_text(
     turns = offline_finals(read_audio(wav), config)
     engine = EmbeddedWhisperEngine(config.engine)
     texts: list[str] = []
-    said: list[str] = []  # the finals that said words, as the item pipeline keeps them
-    before: SpokenBefore | None = None
+    spoken = SpokenHistory(earlier)  # as the item pipeline keeps a call's finals
     for turn, audio in turns:
+        before = spoken.last if behind else None
         text = engine.transcribe([EngineRequest(audio, before=before)])[0].text
         texts.append(text)
-        if behind and text.strip():  # the live path keeps the last final that said words
-            prior = said[-earlier:] if earlier > 0 else []
-            before = SpokenBefore(turn.audio, text, " ".join(prior))
-            said.append(text.strip())
+        spoken.add(turn.audio, text)
     return " ".join(texts)
 
 

@@ -106,12 +106,15 @@ async def test_numpys_blas_runs_on_one_thread_once_the_server_loads() -> None:
     """OpenBLAS starts a worker per core that spins after every matrix product (each
     decode's log-mel): a third of the server's CPU in a call on 2 cores. The limit is
     process-wide, so it is raised first: only this server's start-up can bring it to 1."""
+
+    def blas_threads() -> list[int]:
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
     threadpool_limits(limits=2, user_api="blas")
-    assert [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"] == [2]
+    assert blas_threads() == [2]
     server = await start_server(make_config(VAD__KIND="energy"), engine=Echo())
     try:
-        blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
-        assert blas == [1]
+        assert blas_threads() == [1]
     finally:
         await server.stop()
 
