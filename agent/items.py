@@ -8,7 +8,8 @@ Takes the detector's events for one call and turns them into engine requests and
   on go out as append-only ``delta`` events (LocalAgreement-2).
 - ``SpeechPaused`` starts the final decode speculatively, before the hangover has confirmed
   the end. ``SpeechResumed`` withdraws it: one still queued is cancelled, one the engine has
-  taken becomes the interim hypothesis; while that one still runs, the next pause waits
+  taken is stopped after its encode if the engine can (``EngineRequest.withdrawn``) and
+  otherwise becomes the interim hypothesis; while that one still runs, the next pause waits
   ``HOLD_S`` before decoding again. When the utterance is cut on that same silence the
   speculative decode *is* the final: reused, never repeated, so ``completed`` follows the
   hangover at once if the decode already finished.
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ from agent import events
 from agent.agreement import LocalAgreement
 from agent.clock import Clock, finished_within
 from agent.detector import DetectorEvent, InterimDue
-from agent.engines.base import EngineRequest, SpokenBefore
+from agent.engines.base import SAMPLE_RATE, EngineRequest, SpokenBefore
 from agent.engines.worker import EngineWorker, Priority, Transcription
 from agent.errors import EngineError
 from agent.observer import CallObserver
@@ -68,6 +70,17 @@ EAGER_HYPOTHESES = 4
 #: ... and never more than this apart: on a long turn each re-decode costs more (its whole
 #: audio so far), and words every few seconds are still worth that.
 INTERIM_MAX_GAP_S = 2.0
+#: An interim of a turn whose speculative final came back at a pause hears only what
+#: follows that pause, once this much has (shorter: no interim yet, the pause's text is new).
+INTERIM_MIN_NEW_S = 1.0
+
+
+@dataclass(frozen=True)
+class _Heard:
+    """A withdrawn speculative final's text: the item's first ``samples``, said."""
+
+    samples: int
+    text: str
 
 
 @dataclass(eq=False)
@@ -78,7 +91,11 @@ class _Item:
     speculation: asyncio.Task[Transcription] | None = None
     speculation_ms: int = 0  # audio time of the pause that started ``speculation``
     speculation_started: asyncio.Event = field(default_factory=asyncio.Event)  # on the engine
+    #: Set when ``speculation`` is voided: the engine may then stop it (after its encode).
+    speculation_void: threading.Event = field(default_factory=threading.Event)
     withdrawn: asyncio.Task[Transcription] | None = None  # the last withdrawn speculation
+    #: The latest speculative decode that came back: its interims decode what follows it.
+    heard: _Heard | None = None
     hypotheses: int = 0  # interim results fed to the agreement
     next_interim_at: float = 0.0  # the clock's time before which no interim starts
     finalising: bool = False
@@ -226,15 +243,27 @@ class ItemPipeline:
                 break  # the new first item still speaks: its next events go out directly
             self._turns.popleft()
 
-    def _request(self, audio: Any, draft: bool = False) -> EngineRequest:
+    def _request(
+        self,
+        audio: Any,
+        draft: bool = False,
+        withdrawn: threading.Event | None = None,
+        said: str = "",
+    ) -> EngineRequest:
         """An interim's draft, or the next utterance's final: behind the utterance just
         before it when that one's text is back (it usually is: a final takes ~0.3 s, a turn
-        lasts seconds)."""
+        lasts seconds). ``said``: what came before ``audio`` in the item, as the prompt."""
         before = None
         if not draft and self.final_context and self._spoken_number == self.utterances:
             before = self._spoken.last
+        prompt = " ".join(p for p in (self.prompt, said) if p) or None
         return EngineRequest(
-            audio, language=self.language, prompt=self.prompt, draft=draft, before=before
+            audio,
+            language=self.language,
+            prompt=prompt,
+            draft=draft,
+            before=before,
+            withdrawn=withdrawn,
         )
 
     # -- interims -----------------------------------------------------------------------
@@ -251,15 +280,30 @@ class ItemPipeline:
             # utterance: spacing them by their own measured time bounds a call's interim CPU
             # (and backs off by itself when the engine is loaded and decodes slow down).
             return
-        request = self._request(due.audio, draft=True)
+        audio, said = due.audio, ""
+        if item.heard is not None:
+            # A long turn's interim would re-decode the whole turn, its cost growing with
+            # it; the speculative final at its last pause already said the turn up to there
+            # (beam 5, the same audio), so only what follows is decoded, with that text as
+            # the prompt (conditioning costs next to nothing; forcing it would cost each
+            # token's step). The pause is silence, so no word is cut.
+            audio = due.audio[item.heard.samples :]
+            if len(audio) < INTERIM_MIN_NEW_S * SAMPLE_RATE:
+                return
+            said = item.heard.text
+        request = self._request(audio, draft=True, said=said)
         decode = self._worker.transcribe(request, Priority.INTERIM)
-        item.interim = self._spawn(self._run_interim(item, decode))
+        item.interim = self._spawn(self._run_interim(item, decode, said))
 
-    async def _run_interim(self, item: _Item, decode: Awaitable[Transcription]) -> None:
+    async def _run_interim(
+        self, item: _Item, decode: Awaitable[Transcription], said: str = ""
+    ) -> None:
+        """A hypothesis of the item's text: ``said`` (what an earlier decode heard of its
+        first part) followed by what ``decode`` hears after that."""
         try:
             result = await decode
         except EngineError:
-            return  # skipped under load or failed: the final is what counts
+            return  # skipped under load, failed or withdrawn: the final is what counts
         if self.interim_share > 0:
             # Its engine time (longer when the engine is loaded) sets the next one's start.
             spent_s = result.engine_ms / 1000
@@ -268,11 +312,12 @@ class ItemPipeline:
         if item.finalising:
             return  # the final already owns this item's text
         item.hypotheses += 1
-        delta = item.agreement.update(result.text)
+        text = " ".join(t for t in (said.strip(), result.text.strip()) if t)
+        delta = item.agreement.update(text)
         if delta:
             self._emit(item, events.transcription_delta(item.item_id, delta))
         if self.include_interim:
-            self._emit(item, events.transcription_interim(item.item_id, result.text))
+            self._emit(item, events.transcription_interim(item.item_id, text))
 
     # -- speculative final --------------------------------------------------------------
 
@@ -281,7 +326,8 @@ class ItemPipeline:
         if item is None or not self.speculative:
             return
         self._drop_speculation(item)
-        request = self._request(pause.audio)
+        item.speculation_void = threading.Event()
+        request = self._request(pause.audio, withdrawn=item.speculation_void)
         item.speculation_started = started = asyncio.Event()
         # Each pause decodes the whole utterance so far, and a decode cannot be stopped once
         # the engine has it. Read speech dips under the VAD threshold between many words;
@@ -292,15 +338,24 @@ class ItemPipeline:
         hold_s = self.speculative_hold_s
         if _running(item.withdrawn):
             hold_s = max(hold_s, HOLD_S)
-        item.speculation = self._spawn(self._decode_final(request, started, hold_s))
+        heard = len(pause.audio) if pause.heard is None else pause.heard
+        item.speculation = self._spawn(self._decode_final(item, request, started, hold_s, heard))
         item.speculation_ms = pause.at_ms + round(hold_s * 1000)
 
     async def _decode_final(
-        self, request: EngineRequest, started: asyncio.Event, hold_s: float
+        self,
+        item: _Item,
+        request: EngineRequest,
+        started: asyncio.Event,
+        hold_s: float,
+        heard: int,
     ) -> Transcription:
         if hold_s:
             await self._clock.sleep(hold_s)  # cancelled here by a resume: nothing was queued
-        return await self._worker.transcribe(request, Priority.FINAL, started)
+        result = await self._worker.transcribe(request, Priority.FINAL, started)
+        if result.text.strip() and (item.heard is None or item.heard.samples < heard):
+            item.heard = _Heard(heard, result.text)  # the turn so far, for its interims
+        return result
 
     def _withdraw_speculation(self, item: _Item | None) -> None:
         """Speech resumed, so the speculative decode is not the final."""
@@ -309,9 +364,13 @@ class ItemPipeline:
         if not item.speculation_started.is_set():
             self._drop_speculation(item)  # still waiting: withdrawn before it cost anything
             return
-        # The engine has it and will finish it whatever happens here. It is a transcript of
-        # the audio so far, so it becomes the interim hypothesis (the detector skipped this
-        # interval's interim for it) when no other is in flight, rather than waste.
+        # The engine has it. One that can stops it after its encode (most of its cost on a
+        # long turn is the decoder steps after that; the embedded engine does); one that
+        # cannot finishes it, and then it is a transcript of the audio so far, so it becomes
+        # the interim hypothesis (the detector skipped this interval's interim for it) when
+        # no other is in flight, rather than waste. A stopped one is no hypothesis and does
+        # not move the next interim.
+        item.speculation_void.set()
         item.withdrawn, item.speculation = item.speculation, None
         self.speculations_dropped += 1
         if self.deltas and not _running(item.interim):
@@ -319,6 +378,7 @@ class ItemPipeline:
 
     def _drop_speculation(self, item: _Item | None) -> None:
         if item is not None and item.speculation is not None:
+            item.speculation_void.set()  # an engine that has started it may stop
             if not item.speculation.done():
                 item.speculation.cancel()  # withdrawn from the queue if not started yet
             item.speculation = None

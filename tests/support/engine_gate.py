@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.engines.base import Engine, EngineRequest, EngineResult
+from agent.errors import EngineError
 from voxtral_rtc_client import ArrayAudioTrack
 
 #: Longest wait at one gate: a server that never catches up fails the test, not hangs it.
@@ -127,7 +128,10 @@ class GatedEngine(Engine):
     """Answers ``answer(key)`` for each request of a call: at once, or, for the keys in
     ``gated``, only once the test opens their gate. Tells the test on its event loop which
     keys the engine has begun, so a test steps through an engine's states instead of
-    sleeping while they happen. Built inside the test's event loop."""
+    sleeping while they happen. With ``stops_withdrawn`` a request withdrawn while it
+    waits at its gate fails with ``withdrawn`` once the gate opens, as the embedded engine
+    stops one between its encode and its decoder steps. Built inside the test's event
+    loop."""
 
     name = "gated"
 
@@ -137,8 +141,12 @@ class GatedEngine(Engine):
         key: Callable[[EngineRequest], int] = tag,
         gated: Iterable[int] = (),
         lanes: int = 1,
+        stops_withdrawn: bool = False,
     ) -> None:
         self.answer = answer
+        self.stops_withdrawn = stops_withdrawn
+        #: Each request's prompt, in the order begun.
+        self.prompts: list[str | None] = []
         self.key = key
         self.max_lanes = lanes
         self.batches: list[list[int]] = []
@@ -171,12 +179,16 @@ class GatedEngine(Engine):
         keys = [self.key(r) for r in batch]
         with self._lock:
             self.batches.append(keys)
+            self.prompts.extend(r.prompt for r in batch)
         self._loop.call_soon_threadsafe(self._changed.set)
         try:
             for k in keys:
                 gate = self._gates.get(k)
                 if gate is not None and not gate.wait(GATE_TIMEOUT_S):
                     raise TimeoutError(f"the test never opened the gate of {k}")
+            for r in batch:
+                if self.stops_withdrawn and r.withdrawn is not None and r.withdrawn.is_set():
+                    raise EngineError("withdrawn before it was decoded", "withdrawn")
             return [EngineResult(self.answer(k)) for k in keys]
         finally:
             with self._lock:
