@@ -41,7 +41,7 @@ from agent import events
 from agent.agreement import LocalAgreement
 from agent.clock import Clock, finished_within
 from agent.detector import DetectorEvent, InterimDue
-from agent.engines.base import SAMPLE_RATE, EngineRequest, SpokenBefore
+from agent.engines.base import EngineRequest, SpokenBefore
 from agent.engines.worker import EngineWorker, Priority, Transcription
 from agent.errors import EngineError
 from agent.observer import CallObserver
@@ -70,17 +70,6 @@ EAGER_HYPOTHESES = 4
 #: ... and never more than this apart: on a long turn each re-decode costs more (its whole
 #: audio so far), and words every few seconds are still worth that.
 INTERIM_MAX_GAP_S = 2.0
-#: An interim of a turn whose speculative final came back at a pause hears only what
-#: follows that pause, once this much has (shorter: no interim yet, the pause's text is new).
-INTERIM_MIN_NEW_S = 1.0
-
-
-@dataclass(frozen=True)
-class _Heard:
-    """A withdrawn speculative final's text: the item's first ``samples``, said."""
-
-    samples: int
-    text: str
 
 
 @dataclass(eq=False)
@@ -94,8 +83,6 @@ class _Item:
     #: Set when ``speculation`` is voided: the engine may then stop it (after its encode).
     speculation_void: threading.Event = field(default_factory=threading.Event)
     withdrawn: asyncio.Task[Transcription] | None = None  # the last withdrawn speculation
-    #: The latest speculative decode that came back: its interims decode what follows it.
-    heard: _Heard | None = None
     hypotheses: int = 0  # interim results fed to the agreement
     next_interim_at: float = 0.0  # the clock's time before which no interim starts
     finalising: bool = False
@@ -244,23 +231,18 @@ class ItemPipeline:
             self._turns.popleft()
 
     def _request(
-        self,
-        audio: Any,
-        draft: bool = False,
-        withdrawn: threading.Event | None = None,
-        said: str = "",
+        self, audio: Any, draft: bool = False, withdrawn: threading.Event | None = None
     ) -> EngineRequest:
         """An interim's draft, or the next utterance's final: behind the utterance just
         before it when that one's text is back (it usually is: a final takes ~0.3 s, a turn
-        lasts seconds). ``said``: what came before ``audio`` in the item, as the prompt."""
+        lasts seconds)."""
         before = None
         if not draft and self.final_context and self._spoken_number == self.utterances:
             before = self._spoken.last
-        prompt = " ".join(p for p in (self.prompt, said) if p) or None
         return EngineRequest(
             audio,
             language=self.language,
-            prompt=prompt,
+            prompt=self.prompt,
             draft=draft,
             before=before,
             withdrawn=withdrawn,
@@ -280,26 +262,11 @@ class ItemPipeline:
             # utterance: spacing them by their own measured time bounds a call's interim CPU
             # (and backs off by itself when the engine is loaded and decodes slow down).
             return
-        audio, said = due.audio, ""
-        if item.heard is not None:
-            # A long turn's interim would re-decode the whole turn, its cost growing with
-            # it; the speculative final at its last pause already said the turn up to there
-            # (beam 5, the same audio), so only what follows is decoded, with that text as
-            # the prompt (conditioning costs next to nothing; forcing it would cost each
-            # token's step). The pause is silence, so no word is cut.
-            audio = due.audio[item.heard.samples :]
-            if len(audio) < INTERIM_MIN_NEW_S * SAMPLE_RATE:
-                return
-            said = item.heard.text
-        request = self._request(audio, draft=True, said=said)
+        request = self._request(due.audio, draft=True)
         decode = self._worker.transcribe(request, Priority.INTERIM)
-        item.interim = self._spawn(self._run_interim(item, decode, said))
+        item.interim = self._spawn(self._run_interim(item, decode))
 
-    async def _run_interim(
-        self, item: _Item, decode: Awaitable[Transcription], said: str = ""
-    ) -> None:
-        """A hypothesis of the item's text: ``said`` (what an earlier decode heard of its
-        first part) followed by what ``decode`` hears after that."""
+    async def _run_interim(self, item: _Item, decode: Awaitable[Transcription]) -> None:
         try:
             result = await decode
         except EngineError:
@@ -312,12 +279,11 @@ class ItemPipeline:
         if item.finalising:
             return  # the final already owns this item's text
         item.hypotheses += 1
-        text = " ".join(t for t in (said.strip(), result.text.strip()) if t)
-        delta = item.agreement.update(text)
+        delta = item.agreement.update(result.text)
         if delta:
             self._emit(item, events.transcription_delta(item.item_id, delta))
         if self.include_interim:
-            self._emit(item, events.transcription_interim(item.item_id, text))
+            self._emit(item, events.transcription_interim(item.item_id, result.text))
 
     # -- speculative final --------------------------------------------------------------
 
@@ -338,24 +304,15 @@ class ItemPipeline:
         hold_s = self.speculative_hold_s
         if _running(item.withdrawn):
             hold_s = max(hold_s, HOLD_S)
-        heard = len(pause.audio) if pause.heard is None else pause.heard
-        item.speculation = self._spawn(self._decode_final(item, request, started, hold_s, heard))
+        item.speculation = self._spawn(self._decode_final(request, started, hold_s))
         item.speculation_ms = pause.at_ms + round(hold_s * 1000)
 
     async def _decode_final(
-        self,
-        item: _Item,
-        request: EngineRequest,
-        started: asyncio.Event,
-        hold_s: float,
-        heard: int,
+        self, request: EngineRequest, started: asyncio.Event, hold_s: float
     ) -> Transcription:
         if hold_s:
             await self._clock.sleep(hold_s)  # cancelled here by a resume: nothing was queued
-        result = await self._worker.transcribe(request, Priority.FINAL, started)
-        if result.text.strip() and (item.heard is None or item.heard.samples < heard):
-            item.heard = _Heard(heard, result.text)  # the turn so far, for its interims
-        return result
+        return await self._worker.transcribe(request, Priority.FINAL, started)
 
     def _withdraw_speculation(self, item: _Item | None) -> None:
         """Speech resumed, so the speculative decode is not the final."""

@@ -95,8 +95,6 @@ class SpeechPaused:
     index: int
     audio: npt.NDArray[np.float32]
     at_ms: int
-    #: How many of ``audio``'s samples were heard (the rest is that silence); ``None``: all.
-    heard: int | None = None
 
 
 @dataclass(frozen=True)
@@ -195,7 +193,8 @@ class Segmenter:
         if not self.options.turn_detection or not self._turns.peek(probability):
             return []
         at_ms = self._clock_ms + len(tail) * WINDOW_MS // WINDOW_SAMPLES
-        return [self._pause([*self._audio, tail], len(tail), at_ms)]
+        audio = self._as_cut([*self._audio, tail], silent_samples=len(tail))
+        return [SpeechPaused(self._index, audio, at_ms)]
 
     def commit(self) -> list[SegmenterEvent]:
         """Cut now (``input_audio_buffer.commit``). Empty list when there is nothing to cut."""
@@ -243,7 +242,8 @@ class Segmenter:
                 case Resumed():
                     events.append(SpeechResumed(self._index))
                 case Paused():
-                    events.append(self._pause(self._audio, WINDOW_SAMPLES, self._clock_ms))
+                    audio = self._as_cut(self._audio, silent_samples=WINDOW_SAMPLES)
+                    events.append(SpeechPaused(self._index, audio, self._clock_ms))
                 case Started(start):
                     self._index = self._next_index
                     self._next_index += 1
@@ -287,9 +287,9 @@ class Segmenter:
         self._reset_region()
         return events
 
-    def _pause(
-        self, heard: list[npt.NDArray[np.float32]], silent_samples: int, at_ms: int
-    ) -> SpeechPaused:
+    def _as_cut(
+        self, heard: list[npt.NDArray[np.float32]], silent_samples: int
+    ) -> npt.NDArray[np.float32]:
         """``heard`` joined (one copy), paused after ``silent_samples`` of silence, as long
         as the cut will be if the silence lasts out the hangover: the rest of it as digital
         silence. tiny.en mishears more of speech that stops one window before the end of
@@ -298,8 +298,7 @@ class Segmenter:
         up to the pause, 578 on it padded so, 573 on the cut itself (docs/benchmarks.md)."""
         hangover = self.options.turns.min_silence_windows * WINDOW_SAMPLES
         silence = np.zeros(max(hangover - silent_samples, 0), np.float32)
-        audio = np.concatenate([*heard, silence])
-        return SpeechPaused(self._index, audio, at_ms, heard=len(audio) - len(silence))
+        return np.concatenate([*heard, silence])
 
     def _full(self) -> bool:
         """Would one more window overflow ``max_utterance_ms``? Cut before it does: engines

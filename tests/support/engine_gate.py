@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 
 import av
 import numpy as np
@@ -31,10 +32,16 @@ HEARD_SLACK_MS = 120
 
 
 class CountingEngine(Engine):
-    """A real engine, counting the utterances it was handed and those it is running."""
+    """A real engine, counting the utterances it was handed and those it is running.
 
-    def __init__(self, inner: Engine) -> None:
+    With ``finish_withdrawn`` it hands the engine every request without its
+    ``EngineRequest.withdrawn`` flag: a speculative final voided by more speech then runs to
+    its end and serves as an interim hypothesis, whether speech resumed during its encode or
+    after, so the number of hypotheses does not depend on the machine's speed either."""
+
+    def __init__(self, inner: Engine, finish_withdrawn: bool = False) -> None:
         self.inner = inner
+        self.finish_withdrawn = finish_withdrawn
         self.name = inner.name
         self.max_lanes = inner.max_lanes
         self.max_batch = inner.max_batch
@@ -46,6 +53,8 @@ class CountingEngine(Engine):
         with self._lock:
             self.count += len(batch)
             self.in_flight += 1
+        if self.finish_withdrawn:
+            batch = [replace(r, withdrawn=None) for r in batch]
         try:
             return self.inner.transcribe(batch)
         finally:
@@ -145,8 +154,6 @@ class GatedEngine(Engine):
     ) -> None:
         self.answer = answer
         self.stops_withdrawn = stops_withdrawn
-        #: Each request's prompt, in the order begun.
-        self.prompts: list[str | None] = []
         self.key = key
         self.max_lanes = lanes
         self.batches: list[list[int]] = []
@@ -179,7 +186,6 @@ class GatedEngine(Engine):
         keys = [self.key(r) for r in batch]
         with self._lock:
             self.batches.append(keys)
-            self.prompts.extend(r.prompt for r in batch)
         self._loop.call_soon_threadsafe(self._changed.set)
         try:
             for k in keys:
