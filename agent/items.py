@@ -8,8 +8,7 @@ Takes the detector's events for one call and turns them into engine requests and
   on go out as append-only ``delta`` events (LocalAgreement-2).
 - ``SpeechPaused`` starts the final decode speculatively, before the hangover has confirmed
   the end. ``SpeechResumed`` withdraws it: one still queued is cancelled, one the engine has
-  taken is stopped after its encode if the engine can (``EngineRequest.withdrawn``) and
-  otherwise becomes the interim hypothesis; while that one still runs, the next pause waits
+  taken becomes the interim hypothesis; while that one still runs, the next pause waits
   ``HOLD_S`` before decoding again. When the utterance is cut on that same silence the
   speculative decode *is* the final: reused, never repeated, so ``completed`` follows the
   hangover at once if the decode already finished.
@@ -31,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -80,8 +78,6 @@ class _Item:
     speculation: asyncio.Task[Transcription] | None = None
     speculation_ms: int = 0  # audio time of the pause that started ``speculation``
     speculation_started: asyncio.Event = field(default_factory=asyncio.Event)  # on the engine
-    #: Set when ``speculation`` is voided: the engine may then stop it (after its encode).
-    speculation_void: threading.Event = field(default_factory=threading.Event)
     withdrawn: asyncio.Task[Transcription] | None = None  # the last withdrawn speculation
     hypotheses: int = 0  # interim results fed to the agreement
     next_interim_at: float = 0.0  # the clock's time before which no interim starts
@@ -230,9 +226,7 @@ class ItemPipeline:
                 break  # the new first item still speaks: its next events go out directly
             self._turns.popleft()
 
-    def _request(
-        self, audio: Any, draft: bool = False, withdrawn: threading.Event | None = None
-    ) -> EngineRequest:
+    def _request(self, audio: Any, draft: bool = False) -> EngineRequest:
         """An interim's draft, or the next utterance's final: behind the utterance just
         before it when that one's text is back (it usually is: a final takes ~0.3 s, a turn
         lasts seconds)."""
@@ -240,12 +234,7 @@ class ItemPipeline:
         if not draft and self.final_context and self._spoken_number == self.utterances:
             before = self._spoken.last
         return EngineRequest(
-            audio,
-            language=self.language,
-            prompt=self.prompt,
-            draft=draft,
-            before=before,
-            withdrawn=withdrawn,
+            audio, language=self.language, prompt=self.prompt, draft=draft, before=before
         )
 
     # -- interims -----------------------------------------------------------------------
@@ -270,7 +259,7 @@ class ItemPipeline:
         try:
             result = await decode
         except EngineError:
-            return  # skipped under load, failed or withdrawn: the final is what counts
+            return  # skipped under load or failed: the final is what counts
         if self.interim_share > 0:
             # Its engine time (longer when the engine is loaded) sets the next one's start.
             spent_s = result.engine_ms / 1000
@@ -292,8 +281,7 @@ class ItemPipeline:
         if item is None or not self.speculative:
             return
         self._drop_speculation(item)
-        item.speculation_void = threading.Event()
-        request = self._request(pause.audio, withdrawn=item.speculation_void)
+        request = self._request(pause.audio)
         item.speculation_started = started = asyncio.Event()
         # Each pause decodes the whole utterance so far, and a decode cannot be stopped once
         # the engine has it. Read speech dips under the VAD threshold between many words;
@@ -321,13 +309,9 @@ class ItemPipeline:
         if not item.speculation_started.is_set():
             self._drop_speculation(item)  # still waiting: withdrawn before it cost anything
             return
-        # The engine has it. One that can stops it after its encode (most of its cost on a
-        # long turn is the decoder steps after that; the embedded engine does); one that
-        # cannot finishes it, and then it is a transcript of the audio so far, so it becomes
-        # the interim hypothesis (the detector skipped this interval's interim for it) when
-        # no other is in flight, rather than waste. A stopped one is no hypothesis and does
-        # not move the next interim.
-        item.speculation_void.set()
+        # The engine has it and will finish it whatever happens here. It is a transcript of
+        # the audio so far, so it becomes the interim hypothesis (the detector skipped this
+        # interval's interim for it) when no other is in flight, rather than waste.
         item.withdrawn, item.speculation = item.speculation, None
         self.speculations_dropped += 1
         if self.deltas and not _running(item.interim):
@@ -335,7 +319,6 @@ class ItemPipeline:
 
     def _drop_speculation(self, item: _Item | None) -> None:
         if item is not None and item.speculation is not None:
-            item.speculation_void.set()  # an engine that has started it may stop
             if not item.speculation.done():
                 item.speculation.cancel()  # withdrawn from the queue if not started yet
             item.speculation = None

@@ -173,6 +173,4 @@ class _LiveCollector(Collector):
         )
         finals.add_metric(["completed"], w.completed)
         finals.add_metric(["failed"], w.failed)
-        # Speculative finals voided by more speech that the engine stopped before decoding.
-        finals.add_metric(["withdrawn"], w.withdrawn)
         yield finals

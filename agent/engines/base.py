@@ -14,7 +14,6 @@ and its streams; a session talks to a stream directly, not through the worker's 
 
 from __future__ import annotations
 
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -73,11 +72,6 @@ class EngineRequest:
     draft: bool = False
     #: A live final's previous utterance, when the call has one (never for drafts or files).
     before: SpokenBefore | None = None
-    #: Set, from another thread, once the caller no longer needs the text (a speculative
-    #: final voided by more speech). An engine may look between its stages and then stop,
-    #: raising ``EngineError`` code ``withdrawn``; one that does not look just finishes, and
-    #: its text still serves (as an interim hypothesis).
-    withdrawn: threading.Event | None = None
 
     @property
     def duration_s(self) -> float:

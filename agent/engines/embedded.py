@@ -30,7 +30,7 @@ from agent.engines.whisper_window import (
     repetitive,
     spoken_text,
 )
-from agent.errors import EngineError, EngineLoadError
+from agent.errors import EngineLoadError
 
 #: faster-whisper's defaults: a window whose no-speech probability is above this and whose
 #: mean log-probability is below the next is silence (a breath, a click): no text.
@@ -102,7 +102,6 @@ class EmbeddedWhisperEngine(Engine):
         return [self._one(request) for request in batch]
 
     def _one(self, request: EngineRequest) -> EngineResult:
-        _stop_if_withdrawn(request)
         # tiny.en only knows English: another language is decoded as English, as
         # faster-whisper does (a multilingual CTranslate2 folder in engine.model honours it).
         language = "en"
@@ -121,7 +120,7 @@ class EmbeddedWhisperEngine(Engine):
                 # The call's text before the context, after the caller's own prompt, as
                 # faster-whisper follows ``initial_prompt`` with the text of earlier windows.
                 given += " " + earlier
-            after = self._after(request, request.before, tokenizer, given, options)
+            after = self._after(request.audio, request.before, tokenizer, given, options)
             if after:
                 return EngineResult(text=after, language=language)
         # Only now: a final decoded behind the utterance before it needs the two's features.
@@ -135,7 +134,7 @@ class EmbeddedWhisperEngine(Engine):
             prompt = self._model.get_prompt(tokenizer, previous, without_timestamps=False)
             part = features[:, offset:]
             duration_s = part.shape[1] / FRAMES_PER_S
-            result = self._generate(part, prompt, options, request, doubt_retry=not request.draft)
+            result = self._generate(part, prompt, options, doubt_retry=not request.draft)
             tokens = result.sequences_ids[0]
             # faster-whisper's rule: the score is the log-probability per token (length
             # penalty 1); their mean counts the end of text too.
@@ -158,7 +157,7 @@ class EmbeddedWhisperEngine(Engine):
 
     def _after(
         self,
-        request: EngineRequest,
+        audio: Any,
         before: SpokenBefore,
         tokenizer: Any,
         given: str,
@@ -173,7 +172,6 @@ class EmbeddedWhisperEngine(Engine):
         (``<|0.00|> text <|end|>``): the model has heard the voice and the sentence before,
         and only generates what follows (9.1 % on read8, docs/benchmarks.md).
         """
-        audio = request.audio
         said = before.text.strip()
         joined_s = (len(before.audio) + len(audio)) / SAMPLE_RATE
         if not said or joined_s > BEFORE_MAX_S:
@@ -185,7 +183,7 @@ class EmbeddedWhisperEngine(Engine):
         forced = [begin, *tokenizer.encode(" " + said), end_of_before]
         prompt = self._model.get_prompt(tokenizer, previous, without_timestamps=False) + forced
         # No 30-s retry: the no-speech score is the window's, and the context is speech.
-        result = self._generate(features, prompt, options, request, doubt_retry=False)
+        result = self._generate(features, prompt, options, doubt_retry=False)
         tokens = result.sequences_ids[0]
         if tokens[: len(forced)] == forced:  # CTranslate2 returns the forced prefix too
             tokens = tokens[len(forced) :]
@@ -202,26 +200,15 @@ class EmbeddedWhisperEngine(Engine):
         return spoken.text.strip()
 
     def _generate(
-        self,
-        features: Any,
-        prompt: list[int],
-        options: dict[str, Any],
-        request: EngineRequest,
-        doubt_retry: bool,
+        self, features: Any, prompt: list[int], options: dict[str, Any], doubt_retry: bool
     ) -> Any:
         import ctranslate2
 
         full_window = self._full_window
         while True:
             window = ctranslate2.StorageView.from_array(fit_features(features, full_window)[None])
-            # Encoding is the first ~40 % of a long turn's decode (60 % of a phrase's) and
-            # cannot be stopped; the decoder steps after it can be skipped. A speculative
-            # final on a pause is withdrawn 16-96 ms after it starts when speech resumes
-            # (read speech, 64-ms hold): that is during the encode.
-            encoded = self._model.model.encode(window)
-            _stop_if_withdrawn(request)
             result = self._model.model.generate(
-                encoded,
+                window,
                 [prompt],
                 max_length=MAX_LENGTH,
                 length_penalty=1.0,
@@ -249,8 +236,3 @@ class EmbeddedWhisperEngine(Engine):
             )
             self._tokenizers[language] = tokenizer
         return tokenizer
-
-
-def _stop_if_withdrawn(request: EngineRequest) -> None:
-    if request.withdrawn is not None and request.withdrawn.is_set():
-        raise EngineError("withdrawn before it was decoded", "withdrawn")

@@ -105,8 +105,6 @@ class EngineWorker:
         self.completed = 0
         self.failed = 0
         self.completed_interims = 0
-        #: Requests the engine stopped because their caller withdrew them meanwhile.
-        self.withdrawn = 0
         #: Engine calls stopped by the watchdog, and those of them still running (abandoned).
         self.timeouts = 0
         self._hung: set[concurrent.futures.Future[list[EngineResult]]] = set()
@@ -292,10 +290,6 @@ class EngineWorker:
             self.on_batch(batch[0].priority, len(batch), engine_ms / 1000)
         for job, result in zip(batch, results, strict=True):
             if job.future.done():
-                continue
-            if isinstance(result, EngineError) and result.code == "withdrawn":
-                self.withdrawn += 1  # stopped at the caller's word: not a failure
-                job.future.set_exception(result)
                 continue
             if isinstance(result, BaseException):
                 self.failed += 1

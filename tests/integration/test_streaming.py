@@ -26,13 +26,12 @@ async def test_long_utterance_streams_append_only_deltas(
     embedded_engine: Engine, beckett_audio: npt.NDArray[np.float32]
 ) -> None:
     audio = phrases_without_pauses(beckett_audio, 20.0)
-    engine = CountingEngine(embedded_engine, finish_withdrawn=True)
+    engine = CountingEngine(embedded_engine)
     # The gate may hold the audio for seconds on a loaded box: not an idle caller.
     server = await start_server(make_config(AUDIO__IDLE_TIMEOUT_S="120"), engine=engine)
     try:
         async with RealtimeClient(server.url) as client:
-            # Every interim the server schedules is decoded before more audio comes, and
-            # every speculative decode voided by more speech too (``finish_withdrawn``), so
+            # Every interim the server schedules is decoded before more audio comes, so
             # the number of deltas does not depend on how busy this machine is today.
             track = EngineGatedTrack(audio, server_settled(server, engine))
             await client.connect(track)

@@ -15,14 +15,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
 
 import av
 import numpy as np
 import numpy.typing as npt
 
 from agent.engines.base import Engine, EngineRequest, EngineResult
-from agent.errors import EngineError
 from voxtral_rtc_client import ArrayAudioTrack
 
 #: Longest wait at one gate: a server that never catches up fails the test, not hangs it.
@@ -32,16 +30,10 @@ HEARD_SLACK_MS = 120
 
 
 class CountingEngine(Engine):
-    """A real engine, counting the utterances it was handed and those it is running.
+    """A real engine, counting the utterances it was handed and those it is running."""
 
-    With ``finish_withdrawn`` it hands the engine every request without its
-    ``EngineRequest.withdrawn`` flag: a speculative final voided by more speech then runs to
-    its end and serves as an interim hypothesis, whether speech resumed during its encode or
-    after, so the number of hypotheses does not depend on the machine's speed either."""
-
-    def __init__(self, inner: Engine, finish_withdrawn: bool = False) -> None:
+    def __init__(self, inner: Engine) -> None:
         self.inner = inner
-        self.finish_withdrawn = finish_withdrawn
         self.name = inner.name
         self.max_lanes = inner.max_lanes
         self.max_batch = inner.max_batch
@@ -53,8 +45,6 @@ class CountingEngine(Engine):
         with self._lock:
             self.count += len(batch)
             self.in_flight += 1
-        if self.finish_withdrawn:
-            batch = [replace(r, withdrawn=None) for r in batch]
         try:
             return self.inner.transcribe(batch)
         finally:
@@ -137,10 +127,7 @@ class GatedEngine(Engine):
     """Answers ``answer(key)`` for each request of a call: at once, or, for the keys in
     ``gated``, only once the test opens their gate. Tells the test on its event loop which
     keys the engine has begun, so a test steps through an engine's states instead of
-    sleeping while they happen. With ``stops_withdrawn`` a request withdrawn while it
-    waits at its gate fails with ``withdrawn`` once the gate opens, as the embedded engine
-    stops one between its encode and its decoder steps. Built inside the test's event
-    loop."""
+    sleeping while they happen. Built inside the test's event loop."""
 
     name = "gated"
 
@@ -150,10 +137,8 @@ class GatedEngine(Engine):
         key: Callable[[EngineRequest], int] = tag,
         gated: Iterable[int] = (),
         lanes: int = 1,
-        stops_withdrawn: bool = False,
     ) -> None:
         self.answer = answer
-        self.stops_withdrawn = stops_withdrawn
         self.key = key
         self.max_lanes = lanes
         self.batches: list[list[int]] = []
@@ -192,9 +177,6 @@ class GatedEngine(Engine):
                 gate = self._gates.get(k)
                 if gate is not None and not gate.wait(GATE_TIMEOUT_S):
                     raise TimeoutError(f"the test never opened the gate of {k}")
-            for r in batch:
-                if self.stops_withdrawn and r.withdrawn is not None and r.withdrawn.is_set():
-                    raise EngineError("withdrawn before it was decoded", "withdrawn")
             return [EngineResult(self.answer(k)) for k in keys]
         finally:
             with self._lock:

@@ -183,25 +183,6 @@ async def test_withdrawn_speculation_on_the_engine_becomes_the_interim() -> None
         assert eng.begun == [1000, 1500]  # nothing decoded twice, nothing wasted
 
 
-async def test_a_speculation_the_engine_stopped_is_no_hypothesis() -> None:
-    eng = engine({1000: "Ever tried", 2500: "Ever tried. Ever failed"}, gated=[1000])
-    eng.stops_withdrawn = True
-    async with pipeline(eng) as h:
-        h.items.handle([SpeechStarted(0, 0), SpeechPaused(0, ms(1000), 1000)])
-        await eng.reached(1000)  # the engine has taken it (encoding, say) ...
-        h.items.handle([SpeechResumed(0)])  # ... when speech goes on: it stops there
-        eng.open(1000)
-        await h.settle()
-        assert h.worker.withdrawn == 1 and h.worker.failed == 0
-        assert not [e for e in h.sent if e["type"] == DELTA]
-        h.items.handle([InterimDue(0, ms(2500))])
-        await h.settle()
-        # No hypothesis came of it: the next interim is the item's first.
-        assert eng.begun == [1000, 2500]
-        assert [e["delta"] for e in h.sent if e["type"] == DELTA] == []
-        assert h.item(0).hypotheses == 1
-
-
 async def test_withdrawn_speculation_still_queued_is_cancelled() -> None:
     eng = engine({3000: "Ever tried.", 1000: "No"}, gated=[3000])
     async with pipeline(eng) as h:  # one lane: item 0's final holds it

@@ -7,9 +7,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -184,49 +182,6 @@ def test_finals_in_doubt_are_decided_on_the_full_window(
         (fitted,) = embedded_engine.transcribe(request)
         (full,) = full_window_engine.transcribe(request)
         assert normalise(fitted.text) == normalise(full.text) == expected
-
-
-def test_a_request_withdrawn_while_it_encodes_is_not_decoded(
-    embedded_engine: Engine, beckett_audio: npt.NDArray[np.float32]
-) -> None:
-    """A speculative final voided by more speech during its encode stops there: the
-    decoder steps after it, most of a long turn's decode, are not run."""
-    from agent.engines.embedded import EmbeddedWhisperEngine
-    from agent.errors import EngineError
-
-    assert isinstance(embedded_engine, EmbeddedWhisperEngine)
-    withdrawn = threading.Event()
-    model = embedded_engine._model
-    real = model.model
-    calls: list[str] = []
-
-    class Speaker:  # the real model, but speech resumes while it encodes
-        def encode(self, *args: Any, **kwargs: Any) -> Any:
-            calls.append("encode")
-            withdrawn.set()
-            return real.encode(*args, **kwargs)
-
-        def generate(self, *args: Any, **kwargs: Any) -> Any:
-            calls.append("generate")
-            return real.generate(*args, **kwargs)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(real, name)
-
-    model.model = Speaker()
-    try:
-        with pytest.raises(EngineError) as stopped:
-            embedded_engine.transcribe([EngineRequest(beckett_audio[:48000], withdrawn=withdrawn)])
-        assert stopped.value.code == "withdrawn" and calls == ["encode"]
-        calls.clear()
-        withdrawn.clear()
-        model.model = real
-        (said,) = embedded_engine.transcribe(
-            [EngineRequest(beckett_audio[:48000], withdrawn=withdrawn)]
-        )
-        assert said.text  # not withdrawn: decoded as ever
-    finally:
-        model.model = real
 
 
 def test_silence_is_no_speech(embedded_engine: Engine) -> None:
