@@ -93,19 +93,21 @@ class _Item:
 class SpokenHistory:
     """A call's finals that said words, as the next final's ``EngineRequest.before``: the
     last one (its audio and text) with the texts of up to ``earlier`` finals before it,
-    oldest first. ``bench/offline_wer.py`` keeps its turns' with the same rule."""
+    oldest first. ``bench/offline_wer.py`` keeps its turns' with the same rule (live, the
+    item pipeline also uses ``last`` only when it is the utterance just before)."""
 
     def __init__(self, earlier: int = EARLIER_FINALS) -> None:
         self.last: SpokenBefore | None = None
         self._earlier: deque[str] = deque(maxlen=earlier)
 
-    def add(self, audio: Any, text: str) -> None:
-        """A final came back: one with no words changes nothing."""
+    def add(self, audio: Any, text: str) -> bool:
+        """A final came back: kept (True) unless it said no words."""
         if not text.strip():
-            return
+            return False
         if self.last is not None:
             self._earlier.append(self.last.text.strip())
         self.last = SpokenBefore(audio, text, " ".join(self._earlier))
+        return True
 
 
 class ItemPipeline:
@@ -404,8 +406,7 @@ class ItemPipeline:
                 audio_s=len(utt.audio) / 16_000,
             )
             completed["lag_ms"] = round(self._worker.lag_ms(), 1)
-            if result.text.strip() and number > self._spoken_number:
-                self._spoken.add(utt.audio, result.text)
+            if number > self._spoken_number and self._spoken.add(utt.audio, result.text):
                 self._spoken_number = number
             self._emit(item, completed)
             self._observer.final_completed((timings["vad_ms"] + timings["server_ms"]) / 1000)

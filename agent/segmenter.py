@@ -273,11 +273,10 @@ class Segmenter:
             self._next_index += 1
         if self.options.turn_detection:
             events.append(SpeechStopped(self._index, end_ms, self._clock_ms))
-        audio = np.concatenate(self._audio) if self._audio else np.zeros(0, np.float32)
         events.append(
             Utterance(
                 index=self._index,
-                audio=audio.astype(np.float32, copy=False),
+                audio=self.open_audio(),
                 audio_start_ms=self._audio_start_ms,
                 start_ms=start_ms,
                 end_ms=end_ms,
