@@ -2,8 +2,8 @@
 
 The one decode path for everything that arrives as a file: HTTP uploads, base64 bodies,
 downloaded URLs, the CLI and the Python client's test helpers. Any sample rate and channel
-count goes through libswresample (``av.AudioResampler``), a real band-limited resampler and
-down-mixer, never sample dropping. Synchronous and CPU-heavy: the server runs it in a
+count goes through libswresample (``agent.audio_formats.resampler``), a real band-limited
+resampler and down-mixer, never sample dropping. Synchronous and CPU-heavy: the server runs it in a
 separate, memory-limited process (``agent.decoder_process``), the CLI in a thread.
 
 The bytes are anyone's, and FFmpeg left to guess reads far more than audio: an ``ffconcat``
@@ -30,6 +30,7 @@ import av
 import numpy as np
 import numpy.typing as npt
 
+from agent import audio_formats
 from agent.errors import AudioInputError
 
 SAMPLE_RATE = 16_000
@@ -411,7 +412,7 @@ def _decode_stream(
     max_duration_s: float | None,
     cancel: threading.Event | None,
 ) -> list[Samples]:
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+    resampler = audio_formats.resampler(rate)
     chunks: list[Samples] = []
     seconds = 0.0
     bad = 0

@@ -3,9 +3,9 @@
 The OpenAI Realtime formats: ``audio/pcm`` (16-bit little-endian mono at 24 kHz, the default;
 beta name ``pcm16``), ``audio/pcmu`` and ``audio/pcma`` (G.711 mu-law and A-law at 8 kHz; beta
 ``g711_ulaw``, ``g711_alaw``). G.711 is expanded with a 256-entry table (``audioop`` left
-Python in 3.13); the rate is converted by PyAV's resampler, which keeps its filter state
-between appends, so chunk boundaries leave no clicks and the result does not depend on how
-the client cut its audio.
+Python in 3.13); the rate is converted by PyAV's resampler (``resampler``: the one every
+audio input of the server uses), which keeps its filter state between appends, so chunk
+boundaries leave no clicks and the result does not depend on how the client cut its audio.
 
 Synchronous and I/O-free: the session runs ``PcmDecoder.decode`` on a worker thread.
 """
@@ -48,6 +48,22 @@ class InputFormat:
     @property
     def bytes_per_second(self) -> int:
         return self.rate * (2 if self.encoding == "pcm16" else 1)
+
+
+#: libswresample's default filter (32 taps a phase, cutoff 0.97) takes ~3 dB off 7.5 kHz and
+#: 5-8 dB off 7.7-7.9 kHz of 16-kHz output, the top of Whisper's log-mel where fricatives
+#: are, and folds 8.5 kHz back in at -26 dB; tiny.en hears the difference. read8's turns
+#: decoded as the live path decodes them (``bench/offline_wer.py --turns-only``, 1203 words)
+#: after 16 -> 24 -> 16 kHz: 111 errors through an ideal (FFT) resampler both ways, 117 with
+#: the default down, 125 with it both ways (the original: 110); with these options down,
+#: 109 (118 after the default up). About the same CPU: ~0.1 % of a core for 48-kHz stereo.
+RESAMPLER_OPTIONS = {"filter_size": "128", "cutoff": "0.99", "kaiser_beta": "12"}
+
+
+def resampler(rate: int = SAMPLE_RATE) -> av.AudioResampler:
+    """Any PyAV audio frame -> mono float32 at ``rate``: every audio input of the server
+    (WebRTC, the WebSocket's and Twilio's bytes, files) goes through one of these."""
+    return av.AudioResampler(format="flt", layout="mono", rate=rate, options=RESAMPLER_OPTIONS)
 
 
 PCM16_24K = InputFormat("pcm16", 24_000)
@@ -96,7 +112,7 @@ class PcmDecoder:
     def __init__(self, fmt: InputFormat) -> None:
         self.format = fmt
         self._odd = b""  # a pcm16 sample split between two appends
-        self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        self._resampler = resampler()
 
     def decode(self, data: bytes) -> npt.NDArray[np.float32]:
         samples = self._expand(data)

@@ -1,9 +1,9 @@
 """Audio input: an aiortc audio track in, 16 kHz mono float32 chunks out.
 
 aiortc hands over decoded Opus as s16 stereo 48 kHz frames of 960 samples; PyAV's resampler
-converts them. The stream ends on end of track, on a closed peer, or when no frame arrives
-for ``idle_timeout_s`` (a peer that vanished without closing sends nothing and no signal
-until ICE consent fails ~35 s later).
+converts them (``agent.audio_formats.resampler``). The stream ends on end of track, on a
+closed peer, or when no frame arrives for ``idle_timeout_s`` (a peer that vanished without
+closing sends nothing and no signal until ICE consent fails ~35 s later).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import av
 import numpy as np
 import numpy.typing as npt
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from agent import audio_formats
 
 SAMPLE_RATE = 16_000
 
@@ -47,7 +49,7 @@ class AudioInput:
         self._stopped.set()
 
     async def chunks(self) -> AsyncIterator[AudioChunk]:
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        resampler = audio_formats.resampler(SAMPLE_RATE)
         stop = asyncio.ensure_future(self._stopped.wait())
         try:
             while True:
