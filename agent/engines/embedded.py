@@ -28,6 +28,7 @@ from agent.engines.whisper_window import (
     TIMESTAMP_S,
     fit_features,
     repetitive,
+    says_words,
     spoken_text,
 )
 from agent.errors import EngineLoadError
@@ -153,7 +154,8 @@ class EmbeddedWhisperEngine(Engine):
             if spoken.stopped_at is None or request.draft:
                 break  # an interim's missing tail is only a later delta
             offset += max(round(spoken.stopped_at * FRAMES_PER_S), 1)
-        return EngineResult(text="".join(texts).strip(), language=language)
+        text = "".join(texts).strip()
+        return EngineResult(text=text if says_words(text) else "", language=language)
 
     def _after(
         self,
@@ -194,10 +196,10 @@ class EmbeddedWhisperEngine(Engine):
             tokens, begin, tokenizer.eot, tokenizer.decode, features.shape[1] / FRAMES_PER_S
         )
         # Nothing after the context (the model ended there: a minority of read turns), a stop
-        # before the end, or a loop: the turn is decoded alone instead.
+        # before the end, a loop, or punctuation alone: the turn is decoded alone instead.
         if spoken.stopped_at is not None or repetitive(spoken.text):
             return ""
-        return spoken.text.strip()
+        return spoken.text.strip() if says_words(spoken.text) else ""
 
     def _generate(
         self, features: Any, prompt: list[int], options: dict[str, Any], doubt_retry: bool

@@ -68,6 +68,13 @@ def fit_features(
     return np.ascontiguousarray(np.pad(features, ((0, 0), (0, target - frames))))
 
 
+def says_words(text: str) -> bool:
+    """Does ``text`` hold a word? On a click or a breath Whisper may write punctuation alone
+    ("." or "..."): that is no speech, and must not open an item's text or be the context
+    of the next turn's final."""
+    return any(ch.isalnum() for ch in text)
+
+
 def repetitive(text: str) -> bool:
     """Is ``text`` a loop rather than speech (faster-whisper's compression-ratio rule)?"""
     data = text.encode()

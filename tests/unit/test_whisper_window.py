@@ -21,6 +21,7 @@ from agent.engines.whisper_window import (
     Spoken,
     fit_features,
     repetitive,
+    says_words,
     spoken_text,
 )
 from tests.conftest import BECKETT_PHRASES, BECKETT_REGIONS, make_config
@@ -101,6 +102,15 @@ def test_a_loop_is_told_from_speech() -> None:
         " ever tried, ever failed, no matter, try again, fail again, fail better."
     )
     assert not repetitive("")
+
+
+def test_punctuation_alone_says_no_words() -> None:
+    """On clicks tiny.en may write "." alone (the Python client's clicks test, heard through
+    Opus and the server's resampler): no words, so no speech."""
+    for nothing in ("", " ", ".", " ...", "?!", " - ,"):
+        assert not says_words(nothing), nothing
+    for said in (" Ever tried.", "$3", " 8 o'clock", " Oui."):
+        assert says_words(said), said
 
 
 @pytest.fixture(scope="module")
