@@ -7,6 +7,7 @@ machine. ``run_in_netns.py`` does the work inside the namespace and prints a JSO
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import itertools
 import json
@@ -245,7 +246,14 @@ def test_browser_shows_growing_grey_text_then_the_final(tmp_path: Path) -> None:
     # The final took the grey text's place: the grey span was emptied as the final appeared.
     after = [e for e in log[finals[item] :] if e["item_id"] == item and e["kind"] == "interim"]
     assert after and after[0]["text"] == "", detail
-    assert set(words(texts[-1])) <= set(words(final["text"])), (texts[-1], final["text"])
+    # The grey words are the start of what the final says, give or take a misheard word: the
+    # final is decoded anew on the whole turn and stays authoritative (agent/agreement.py),
+    # so two interims may have agreed on words it hears otherwise (a CI run on 183c093:
+    # grey "fail again, they all better" where the final said "fail again, fail better").
+    grey_words, final_words = words(texts[-1]), words(final["text"])
+    shared = difflib.SequenceMatcher(None, grey_words, final_words[: len(grey_words) + 3])
+    kept = sum(block.size for block in shared.get_matching_blocks())
+    assert kept >= 0.8 * len(grey_words), (texts[-1], final["text"])
 
 
 def test_browser_call_over_https(tmp_path: Path) -> None:
