@@ -27,8 +27,13 @@ async def test_long_utterance_streams_append_only_deltas(
 ) -> None:
     audio = phrases_without_pauses(beckett_audio, 20.0)
     engine = CountingEngine(embedded_engine)
-    # The gate may hold the audio for seconds on a loaded box: not an idle caller.
-    server = await start_server(make_config(AUDIO__IDLE_TIMEOUT_S="120"), engine=engine)
+    # The gate may hold the audio for seconds on a loaded box: not an idle caller. Interims
+    # are spaced by their own measured engine time by default (``engine.interim_share``), so
+    # how many a turn gets depends on the machine's speed (CI boxes saw 4 early deltas or
+    # 5, the same code): with no bound one is due every interval of audio, and the gate has
+    # each decoded before more audio comes (13-14 early deltas, on AVX2 and AVX512 alike).
+    config = make_config(AUDIO__IDLE_TIMEOUT_S="120", ENGINE__INTERIM_SHARE="0")
+    server = await start_server(config, engine=engine)
     try:
         async with RealtimeClient(server.url) as client:
             # Every interim the server schedules is decoded before more audio comes, so
