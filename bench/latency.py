@@ -6,7 +6,8 @@ its CPU time is then measured alone from ``/proc/PID/stat``) or in this process,
 127.0.0.1, and times the events at the client. ``--transport webrtc`` (default): aiortc
 calls (real Opus, ICE/DTLS/SCTP), events on the data channel. ``--transport ws``:
 ``/v1/realtime?intent=transcription`` sockets sending ``input_audio_buffer.append`` of pcm16
-24 kHz (resampled by PyAV) every 50 ms, paced by the clock, then silence until closed.
+24 kHz (resampled by soxr, as Pipecat does) every 50 ms, paced by the clock, then silence
+until closed.
 ``--transport both`` alternates the two within each repetition, on one server::
 
     .venv/bin/python bench/latency.py --calls 1 8 --repeat 2

@@ -26,8 +26,8 @@ import time
 from typing import Any
 
 import aiohttp
-import av
 import numpy as np
+import soxr
 
 from voxtral_rtc_client import ReceivedEvent
 from voxtral_rtc_client.twilio import CHUNK_BYTES, CHUNK_MS, MULAW_SILENCE, TwilioStream, mulaw_8k
@@ -42,7 +42,7 @@ TWILIO_TRACK = "inbound"
 
 class WsAudio:
     """The file as ``/v1/realtime`` appends, built once per phase and shared by its streams:
-    pcm16 at 24 kHz (PyAV's resampler), ``chunk_ms`` per ``input_audio_buffer.append``,
+    pcm16 at 24 kHz (soxr, as Pipecat resamples), ``chunk_ms`` per ``input_audio_buffer.append``,
     each message already JSON (base64), and one of silence for after the file."""
 
     def __init__(self, samples: Any, chunk_ms: int) -> None:
@@ -68,15 +68,12 @@ class TwilioAudio:
 
 
 def _to_pcm16(samples: Any, rate: int) -> Any:
-    frame = av.AudioFrame.from_ndarray(
-        np.asarray(samples, np.float32).reshape(1, -1), format="flt", layout="mono"
-    )
-    frame.sample_rate = 16_000
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-    out = [
-        f.to_ndarray().reshape(-1) for f in [*resampler.resample(frame), *resampler.resample(None)]
-    ]
-    return (np.clip(np.concatenate(out), -1.0, 1.0) * 32767).astype("<i2")
+    # Up-sampled as Pipecat's OpenAI transcription service does before it sends (soxr, very
+    # high quality; LiveKit's resampler is soxr too). PyAV's default filter, which this client
+    # used before, dulls the top of the band and costs tiny.en 6-8 of read8's 1203 words
+    # (docs/benchmarks.md, "Live word error rate"): no real client is that lossy.
+    up = soxr.resample(np.asarray(samples, np.float32), 16_000, rate, quality="VHQ")
+    return (np.clip(up, -1.0, 1.0) * 32767).astype("<i2")
 
 
 def _append(pcm: Any) -> str:
