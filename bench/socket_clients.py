@@ -70,8 +70,8 @@ class TwilioAudio:
 def _to_pcm16(samples: Any, rate: int) -> Any:
     # Up-sampled as Pipecat's OpenAI transcription service does before it sends (soxr, very
     # high quality; LiveKit's resampler is soxr too). PyAV's default filter, which this client
-    # used before, dulls the top of the band and costs tiny.en 6-8 of read8's 1203 words
-    # (docs/benchmarks.md, "Live word error rate"): no real client is that lossy.
+    # used before, dulls the top of the band: offline, each pass through it cost tiny.en 6-8
+    # of read8's 1203 words (docs/benchmarks.md, "Live word error rate").
     up = soxr.resample(np.asarray(samples, np.float32), 16_000, rate, quality="VHQ")
     return (np.clip(up, -1.0, 1.0) * 32767).astype("<i2")
 

@@ -7,7 +7,6 @@ machine. ``run_in_netns.py`` does the work inside the namespace and prints a JSO
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import itertools
 import json
@@ -250,10 +249,11 @@ def test_browser_shows_growing_grey_text_then_the_final(tmp_path: Path) -> None:
     # final is decoded anew on the whole turn and stays authoritative (agent/agreement.py),
     # so two interims may have agreed on words it hears otherwise (a CI run on 183c093:
     # grey "fail again, they all better" where the final said "fail again, fail better").
+    from tests.integration.test_streaming import share_in_order
+
     grey_words, final_words = words(texts[-1]), words(final["text"])
-    shared = difflib.SequenceMatcher(None, grey_words, final_words[: len(grey_words) + 3])
-    kept = sum(block.size for block in shared.get_matching_blocks())
-    assert kept >= 0.8 * len(grey_words), (texts[-1], final["text"])
+    start = " ".join(final_words[: len(grey_words) + 3])
+    assert share_in_order(" ".join(grey_words), start) >= 0.8, (texts[-1], final["text"])
 
 
 def test_browser_call_over_https(tmp_path: Path) -> None:

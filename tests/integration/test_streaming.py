@@ -60,7 +60,7 @@ async def test_long_utterance_streams_append_only_deltas(
             # without a pause tiny.en's final ends in a loop ("... bail again bail again"),
             # which the streamed words never contain: 0.795 of them are in the final, in
             # order (measured with every interim decoded), so 0.7 and not "all".
-            assert final.startswith(streamed) or _overlap(streamed, final) >= 0.7, (
+            assert final.startswith(streamed) or share_in_order(streamed, final) >= 0.7, (
                 streamed,
                 final,
             )
@@ -73,7 +73,7 @@ async def test_long_utterance_streams_append_only_deltas(
         await server.stop()
 
 
-def _overlap(streamed: str, final: str) -> float:
+def share_in_order(streamed: str, final: str) -> float:
     """Share of streamed words found in order in the final (tiny.en may re-punctuate, or
     mishear a word in one decode and not the other): their longest common subsequence."""
     a, b = streamed.split(), final.split()
