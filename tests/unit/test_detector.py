@@ -146,8 +146,10 @@ def interims_ms(speculative: bool) -> list[int]:
 
 
 def test_a_speculative_pause_counts_as_the_interim() -> None:
-    # Speech confirmed at 128 ms: an interim every 512 ms (16 windows) of audio after that ...
-    assert interims_ms(speculative=False) == [640, 1152, 1664]
+    # Speech confirmed at 128 ms: the first interim half an interval (8 windows) after that,
+    # then one every 512 ms (16 windows) of audio ...
+    assert interims_ms(speculative=False) == [384, 896, 1408, 1920]
     # ... unless the gap, heard at 980 ms, started a decode of the audio so far: the window
-    # grid's clock is then at 960 ms, so the next interim is due 16 windows later, at 1472.
-    assert interims_ms(speculative=True) == [640, 1472]
+    # grid's clock is then at 960 ms, so the next interim is due 16 windows later, at 1472
+    # (a whole interval: only the onset gets the head start).
+    assert interims_ms(speculative=True) == [384, 896, 1472]
