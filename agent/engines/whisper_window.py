@@ -20,6 +20,7 @@ faster-whisper's ``transcribe`` seeks to the last time stamp of such a window.
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,13 @@ END_MARGIN_S = 0.1
 #: A decode that stopped early is continued only when this much audio is left after it
 #: (a VAD's turn ends with ~0.2 s of hangover and the window with a second of padding).
 CONTINUE_MIN_S = 0.5
+#: A segment whose last this-many words or more are the words just before them said again
+#: ends in a repeat (``without_repeated_end``) ...
+REPEAT_MIN_WORDS = 3
+#: ... which is cut when the segment, with it, would say more words a second than this:
+#: read speech is 2.5-3.5, and a passage spoken twice must keep both.
+MAX_WORDS_PER_S = 4.0
+_WORD = re.compile(r"[\w']+")
 #: faster-whisper's test for a decode stuck in a loop ("fail better, fail better, ..."):
 #: its text compresses more than this.
 MAX_COMPRESSION_RATIO = 2.4
@@ -81,6 +89,34 @@ def repetitive(text: str) -> bool:
     return bool(data) and len(data) / len(zlib.compress(data)) > MAX_COMPRESSION_RATIO
 
 
+def without_repeated_end(text: str) -> str:
+    """``text`` without a repeat at its end: its last words said again, word for word
+    (case and punctuation aside), ``REPEAT_MIN_WORDS`` or more of them."""
+    found = list(_WORD.finditer(text))
+    keys = [m.group().lower() for m in found]
+    for n in range(len(keys) // 2, REPEAT_MIN_WORDS - 1, -1):
+        if keys[-n:] == keys[-2 * n : -n]:
+            return text[: found[-n].start()].rstrip()
+    return text
+
+
+def said_once(segment: str, start_s: float, end_s: float) -> str:
+    """A segment's text, without a repeat at its end when its time cannot hold it.
+
+    tiny.en may say a turn's last clause again in the silence after it (the hangover, the
+    window's padding), inside the same segment: "... so I walked home in the rain. So I
+    walked home in the rain." over 4.2 s (read8's turns had one: 5 of the live path's 118
+    errors there, docs/benchmarks.md). faster-whisper's compression rule (``repetitive``)
+    does not catch a single repeat, and the segment starts inside the audio; but 20 words in
+    4.2 s is faster than anyone reads, and 13 is not.
+    """
+    once = without_repeated_end(segment)
+    words = len(_WORD.findall(segment))
+    if once != segment and words > MAX_WORDS_PER_S * max(end_s - start_s, TIMESTAMP_S):
+        return once
+    return segment
+
+
 def spoken_text(
     tokens: Sequence[int],
     timestamp_begin: int,
@@ -113,10 +149,10 @@ def spoken_text(
                 return Spoken("".join(texts))
             start = at
         else:
-            texts.append(decode(words))
+            texts.append(said_once(decode(words), start, at))
             words, start, last_end = [], None, at
     if words and (start is None or start < duration_s - END_MARGIN_S):
-        texts.append(decode(words))
+        texts.append(said_once(decode(words), start or 0.0, duration_s))
     elif texts and start is not None and not words and start < duration_s - CONTINUE_MIN_S:
         return Spoken("".join(texts), stopped_at=start)
     return Spoken("".join(texts))

@@ -21,6 +21,7 @@ from agent.engines.whisper_window import (
     Spoken,
     fit_features,
     repetitive,
+    said_once,
     says_words,
     spoken_text,
 )
@@ -91,6 +92,27 @@ def test_a_decode_that_stops_early_says_where() -> None:
     assert spoken_text(tokens, TS, EOT, words, 20.4) == Spoken(" w1 w2 w3")
     # Nothing said at all is no place to go on from.
     assert spoken_text([at(0), EOT], TS, EOT, words, 25.0) == Spoken("")
+
+
+def test_a_repeat_the_audio_has_no_time_for_is_cut() -> None:
+    """tiny.en said read8's 45th turn's last clause again in its hangover's silence, inside
+    the segment: 20 words from 4.8 s to the audio's end at 9.03 s."""
+    repeat = (
+        " I forgot my umbrella at the restaurant so I walked home in the rain."
+        " So I walked home in the rain."
+    )
+    once = " I forgot my umbrella at the restaurant so I walked home in the rain."
+    assert said_once(repeat, 4.8, 9.03) == once
+    # Through a whole decode: the turn before it forced, this one without a closing stamp.
+    text = {1: repeat}
+    tokens = [at(4.8), 1]
+    assert spoken_text(tokens, TS, EOT, lambda t: text[t[0]], 9.03) == Spoken(once)
+    # A passage spoken twice, at a speaking pace, is speech: both are kept ...
+    beckett = " Ever tried. Ever failed. No matter. Try again. Fail again. Fail better."
+    assert said_once(beckett * 2, 0.0, 9.0) == beckett * 2
+    # ... and two words again, or none, whatever the pace.
+    assert said_once(" in the rain, the rain.", 0.0, 0.5) == " in the rain, the rain."
+    assert said_once(once, 4.8, 5.8) == once
 
 
 def test_a_loop_is_told_from_speech() -> None:
