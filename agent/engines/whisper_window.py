@@ -105,10 +105,10 @@ def said_once(segment: str, start_s: float, end_s: float) -> str:
 
     tiny.en may say a turn's last clause again in the silence after it (the hangover, the
     window's padding), inside the same segment: "... so I walked home in the rain. So I
-    walked home in the rain." over 4.2 s (read8's turns had one: 5 of the live path's 118
-    errors there, docs/benchmarks.md). faster-whisper's compression rule (``repetitive``)
-    does not catch a single repeat, and the segment starts inside the audio; but 20 words in
-    4.2 s is faster than anyone reads, and 13 is not.
+    walked home in the rain." over 4.2 s (read8's turns had one: 7 of the 118 errors of its
+    turns decoded as the live path decodes them, docs/benchmarks.md). faster-whisper's
+    compression rule (``repetitive``) does not catch a single repeat, and the segment starts
+    inside the audio; but 20 words in 4.2 s is faster than anyone reads, and 13 is not.
     """
     once = without_repeated_end(segment)
     words = len(_WORD.findall(segment))
@@ -128,7 +128,8 @@ def spoken_text(
 
     ``tokens`` look like ``<|0.00|> words <|1.84|><|1.84|> words <|3.20|>``; a last segment
     may lack its closing timestamp. Everything from the first segment that starts at the
-    end of the audio, or before the previous segment ended, is dropped. A decode that ends
+    end of the audio, or before the previous segment ended, is dropped, and a segment's
+    repeated end its time cannot hold is cut (``said_once``). A decode that ends
     on a segment opened with no words in it (``... <|20.00|><|20.00|>`` then the end) stopped
     early at that time when more than ``CONTINUE_MIN_S`` of audio is left.
     """
