@@ -110,11 +110,10 @@ def said_once(segment: str, start_s: float, end_s: float) -> str:
     compression rule (``repetitive``) does not catch a single repeat, and the segment starts
     inside the audio; but 20 words in 4.2 s is faster than anyone reads, and 13 is not.
     """
-    once = without_repeated_end(segment)
     words = len(_WORD.findall(segment))
-    if once != segment and words > MAX_WORDS_PER_S * max(end_s - start_s, TIMESTAMP_S):
-        return once
-    return segment
+    if words <= MAX_WORDS_PER_S * max(end_s - start_s, TIMESTAMP_S):
+        return segment  # a speaking pace: whatever it repeats was said (most segments)
+    return without_repeated_end(segment)
 
 
 def spoken_text(
