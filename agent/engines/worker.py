@@ -39,6 +39,7 @@ from agent.engines.base import (
     Engine,
     EngineRequest,
     EngineResult,
+    Settled,
     StreamingEngine,
 )
 from agent.engines.base import Priority as Priority  # re-exported: sessions import it here
@@ -56,6 +57,8 @@ class Transcription:
     queue_ms: float
     engine_ms: float
     batch_size: int
+    #: ``EngineResult.settled``: for the same open utterance's next request.
+    settled: Settled | None = None
 
 
 @dataclass(eq=False)
@@ -308,6 +311,7 @@ class EngineWorker:
                     queue_ms=(started - job.submitted) * 1000,
                     engine_ms=engine_ms,
                     batch_size=len(batch),
+                    settled=result.settled,
                 )
             )
 
