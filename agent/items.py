@@ -39,7 +39,7 @@ from agent import events
 from agent.agreement import LocalAgreement
 from agent.clock import Clock, finished_within
 from agent.detector import DetectorEvent, InterimDue
-from agent.engines.base import EngineRequest, Settled, SpokenBefore
+from agent.engines.base import EngineRequest, SpokenBefore
 from agent.engines.worker import EngineWorker, Priority, Transcription
 from agent.errors import EngineError
 from agent.observer import CallObserver
@@ -79,9 +79,6 @@ class _Item:
     speculation_ms: int = 0  # audio time of the pause that started ``speculation``
     speculation_started: asyncio.Event = field(default_factory=asyncio.Event)  # on the engine
     withdrawn: asyncio.Task[Transcription] | None = None  # the last withdrawn speculation
-    #: How much of its audio so far a withdrawn speculation's (final-quality) decode
-    #: settled: its later decodes may decode only what follows (``EngineRequest.settled``).
-    settled: Settled | None = None
     hypotheses: int = 0  # interim results fed to the agreement
     next_interim_at: float = 0.0  # the clock's time before which no interim starts
     finalising: bool = False
@@ -231,9 +228,7 @@ class ItemPipeline:
                 break  # the new first item still speaks: its next events go out directly
             self._turns.popleft()
 
-    def _request(
-        self, audio: Any, draft: bool = False, settled: Settled | None = None
-    ) -> EngineRequest:
+    def _request(self, audio: Any, draft: bool = False) -> EngineRequest:
         """An interim's draft, or the next utterance's final: behind the utterance just
         before it when that one's text is back (it usually is: a final takes ~0.3 s, a turn
         lasts seconds)."""
@@ -241,12 +236,7 @@ class ItemPipeline:
         if not draft and self.final_context and self._spoken_number == self.utterances:
             before = self._spoken.last
         return EngineRequest(
-            audio,
-            language=self.language,
-            prompt=self.prompt,
-            draft=draft,
-            before=before,
-            settled=settled,
+            audio, language=self.language, prompt=self.prompt, draft=draft, before=before
         )
 
     # -- interims -----------------------------------------------------------------------
@@ -263,7 +253,7 @@ class ItemPipeline:
             # utterance: spacing them by their own measured time bounds a call's interim CPU
             # (and backs off by itself when the engine is loaded and decodes slow down).
             return
-        request = self._request(due.audio, draft=True, settled=item.settled)
+        request = self._request(due.audio, draft=True)
         decode = self._worker.transcribe(request, Priority.INTERIM)
         item.interim = self._spawn(self._run_interim(item, decode))
 
@@ -293,7 +283,7 @@ class ItemPipeline:
         if item is None or not self.speculative:
             return
         self._drop_speculation(item)
-        request = self._request(pause.audio, settled=item.settled)
+        request = self._request(pause.audio)
         item.speculation_started = started = asyncio.Event()
         # Each pause decodes the whole utterance so far, and a decode cannot be stopped once
         # the engine has it. Read speech dips under the VAD threshold between many words;
@@ -325,7 +315,6 @@ class ItemPipeline:
         # the audio so far, so it becomes the interim hypothesis (the detector skipped this
         # interval's interim for it) when no other is in flight, rather than waste.
         item.withdrawn, item.speculation = item.speculation, None
-        item.withdrawn.add_done_callback(lambda decode: _settle(item, decode))
         self.speculations_dropped += 1
         if self.deltas and not _running(item.interim):
             item.interim = self._spawn(self._run_interim(item, item.withdrawn))
@@ -349,8 +338,7 @@ class ItemPipeline:
         final = item.speculation if utt.cut == "silence" else None
         if final is None:
             self._drop_speculation(item)
-            request = self._request(utt.audio, settled=item.settled)
-            final = self._spawn(self._worker.transcribe(request))
+            final = self._spawn(self._worker.transcribe(self._request(utt.audio)))
         else:
             self.speculations_reused += 1
         self.utterances += 1  # after the request: it is behind the utterance before this one
@@ -424,16 +412,6 @@ class ItemPipeline:
             self._observer.final_completed((timings["vad_ms"] + timings["server_ms"]) / 1000)
         finally:
             self._finished(item)
-
-
-def _settle(item: _Item, decode: asyncio.Task[Transcription]) -> None:
-    """A withdrawn speculation's decode is back: what it settled serves the item's later
-    decodes (a greedy interim's would not: finals are built on it too)."""
-    if decode.cancelled() or decode.exception() is not None:
-        return
-    settled = decode.result().settled
-    if settled is not None and (item.settled is None or settled.at_s > item.settled.at_s):
-        item.settled = settled
 
 
 def _running(task: asyncio.Task[Any] | None) -> bool:

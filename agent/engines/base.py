@@ -57,36 +57,6 @@ class SpokenBefore:
     #: is conditioned on them as faster-whisper conditions a window on the text before it.
     earlier: str = ""
 
-    @property
-    def duration_s(self) -> float:
-        return len(self.audio) / SAMPLE_RATE
-
-
-@dataclass(frozen=True)
-class Settled:
-    """The start of an open utterance that an earlier decode of it heard with speech after
-    it: the text said in its first ``at_s`` seconds, up to a segment boundary of that
-    decode, and the last segment of it (from ``last_s``, saying ``last_text``, the end of
-    ``text``).
-
-    A long turn is decoded again at each pause inside it and for each interim, and a
-    Whisper decode's cost is mostly its tokens, so re-decoding the whole turn each time made
-    long turns cost more CPU than Pipecat's (docs/benchmarks.md, issue 15). An engine that
-    can may decode only the audio from ``last_s`` on, with ``last_text`` forced and the rest
-    of ``text`` as the prompt, and return ``text`` followed by what it heard after ``at_s``.
-    Engines that cannot ignore it.
-    """
-
-    at_s: float
-    text: str
-    last_s: float
-    last_text: str
-
-    @property
-    def before_last(self) -> str:
-        """The settled text before the last segment."""
-        return self.text[: len(self.text) - len(self.last_text)]
-
 
 @dataclass(frozen=True, eq=False)
 class EngineRequest:
@@ -102,8 +72,6 @@ class EngineRequest:
     draft: bool = False
     #: A live final's previous utterance, when the call has one (never for drafts or files).
     before: SpokenBefore | None = None
-    #: What an earlier final-quality decode of this same open utterance settled, if any.
-    settled: Settled | None = None
 
     @property
     def duration_s(self) -> float:
@@ -114,9 +82,6 @@ class EngineRequest:
 class EngineResult:
     text: str
     language: str | None = None
-    #: How much of ``text`` this decode heard with speech after it (its last segment
-    #: boundary but one), for the utterance's next request; ``None`` when it cannot say.
-    settled: Settled | None = None
 
 
 class Engine(ABC):

@@ -22,19 +22,10 @@ from typing import Any
 import numpy as np
 
 from agent.config import EngineConfig
-from agent.engines.base import (
-    SAMPLE_RATE,
-    Engine,
-    EngineRequest,
-    EngineResult,
-    Settled,
-    SpokenBefore,
-)
+from agent.engines.base import SAMPLE_RATE, Engine, EngineRequest, EngineResult, SpokenBefore
 from agent.engines.whisper_window import (
     FRAMES_PER_S,
     TIMESTAMP_S,
-    Segment,
-    Spoken,
     fit_features,
     repetitive,
     says_words,
@@ -60,10 +51,6 @@ MAX_CONTINUATIONS = 2
 #: last at most this long together: the encoder's window is then its 10-s minimum or barely
 #: more, so the context costs a few forced tokens, not a longer encode.
 BEFORE_MAX_S = 10.0
-#: A request's settled start (``EngineRequest.settled``) is used when at least this much
-#: audio follows it: on less, the whole utterance costs about the same (the encoder's
-#: window is 10 s at least) and the model hears more.
-SETTLED_MIN_REST_S = 1.0
 
 
 class EmbeddedWhisperEngine(Engine):
@@ -128,34 +115,18 @@ class EmbeddedWhisperEngine(Engine):
             else {"beam_size": 1 if request.draft else self._config.beam_size}
         )
         given = " " + request.prompt.strip() if request.prompt else ""
-        settled = request.settled
-        if settled is not None and request.duration_s - settled.at_s >= SETTLED_MIN_REST_S:
-            cut = round(settled.last_s * SAMPLE_RATE), round(settled.at_s * SAMPLE_RATE)
-            last = SpokenBefore(request.audio[cut[0] : cut[1]], settled.last_text)
-            rest = self._behind(
-                request.audio[cut[1] :], last, tokenizer, given + settled.before_last, options
-            )
-            if rest is not None:
-                text = (settled.text + rest.text).strip()
-                found: Settled | None = _settled(rest, settled.at_s, settled) or settled
-                return EngineResult(text=text, language=language, settled=found)
         if request.before is not None and not request.draft:
             earlier = request.before.earlier.strip()
             if earlier:
                 # The call's text before the context, after the caller's own prompt, as
                 # faster-whisper follows ``initial_prompt`` with the text of earlier windows.
                 given += " " + earlier
-            joined_s = request.before.duration_s + request.duration_s
-            after = None
-            if joined_s <= BEFORE_MAX_S:
-                after = self._behind(request.audio, request.before, tokenizer, given, options)
-            if after is not None:
-                found = _settled(after, 0.0, None)
-                return EngineResult(text=after.text.strip(), language=language, settled=found)
+            after = self._after(request.audio, request.before, tokenizer, given, options)
+            if after:
+                return EngineResult(text=after, language=language)
         # Only now: a final decoded behind the utterance before it needs the two's features.
         features = self._model.feature_extractor(request.audio)
         texts: list[str] = []
-        found = None
         offset = 0  # frames already said
         for _ in range(MAX_CONTINUATIONS + 1):
             # A continuation is conditioned on what was said before it, as faster-whisper
@@ -179,43 +150,38 @@ class EmbeddedWhisperEngine(Engine):
                 # tiny.en may loop on its last words ("fail better, fail better, ...").
                 # faster-whisper would retry hotter; a final cannot wait for that.
                 break
-            if not texts:
-                found = _settled(spoken, 0.0, None)
             texts.append(spoken.text)
             if spoken.stopped_at is None or request.draft:
                 break  # an interim's missing tail is only a later delta
             offset += max(round(spoken.stopped_at * FRAMES_PER_S), 1)
         text = "".join(texts).strip()
-        if not says_words(text):
-            return EngineResult(text="", language=language)
-        return EngineResult(text=text, language=language, settled=found)
+        return EngineResult(text=text if says_words(text) else "", language=language)
 
-    def _behind(
+    def _after(
         self,
         audio: Any,
         before: SpokenBefore,
         tokenizer: Any,
         given: str,
         options: dict[str, Any],
-    ) -> Spoken | None:
-        """What ``audio`` says decoded behind ``before`` (its audio first, its text forced as
-        the first segment, ``given`` as the prompt), its segments' times from the start of
-        ``audio``; ``None`` when that goes astray (the caller then decodes otherwise).
+    ) -> str:
+        """The words of ``audio`` decoded behind the utterance said before it, or "" when
+        that is not possible or goes astray (the caller then decodes ``audio`` alone).
 
-        Two uses. A live final behind the call's previous utterance: alone, tiny.en
-        mishears short turns that it hears right inside a longer recording (read8: 12.7 %
-        WER turn by turn against 8.7 % on 30-s windows; 9.1 % behind the turn before,
-        docs/benchmarks.md). And a long turn's later decode behind its own last settled
-        segment (``EngineRequest.settled``): only that segment and what follows it are
-        decoded, and the model still hears the sentence before the new words.
+        Alone, tiny.en mishears short turns that it hears right inside a longer recording
+        (read8: 12.7 % WER turn by turn against 8.7 % on 30-s windows). So the previous
+        utterance's audio goes first, and its final text is forced as the first segment
+        (``<|0.00|> text <|end|>``): the model has heard the voice and the sentence before,
+        and only generates what follows (9.1 % on read8, docs/benchmarks.md).
         """
         said = before.text.strip()
-        if not said or before.duration_s < TIMESTAMP_S:
-            return None
+        joined_s = (len(before.audio) + len(audio)) / SAMPLE_RATE
+        if not said or joined_s > BEFORE_MAX_S:
+            return ""
         features = self._model.feature_extractor(np.concatenate([before.audio, audio]))
-        previous = tokenizer.encode(given) if given.strip() else []
+        previous = tokenizer.encode(given) if given else []
         begin = tokenizer.timestamp_begin
-        end_of_before = begin + round(before.duration_s / TIMESTAMP_S)
+        end_of_before = begin + round(len(before.audio) / SAMPLE_RATE / TIMESTAMP_S)
         forced = [begin, *tokenizer.encode(" " + said), end_of_before]
         prompt = self._model.get_prompt(tokenizer, previous, without_timestamps=False) + forced
         # No 30-s retry: the no-speech score is the window's, and the context is speech.
@@ -225,17 +191,15 @@ class EmbeddedWhisperEngine(Engine):
             tokens = tokens[len(forced) :]
         stamps = [t for t in tokens if begin <= t]
         if stamps and stamps[0] < end_of_before:
-            return None  # it went back into the context: said it again rather than go on
+            return ""  # it went back into the context: said it again rather than go on
         spoken = spoken_text(
             tokens, begin, tokenizer.eot, tokenizer.decode, features.shape[1] / FRAMES_PER_S
         )
         # Nothing after the context (the model ended there: a minority of read turns), a stop
-        # before the end, a loop, or punctuation alone: decoded otherwise instead.
-        if spoken.stopped_at is not None or repetitive(spoken.text) or not says_words(spoken.text):
-            return None
-        shift = before.duration_s
-        segments = tuple(Segment(g.start - shift, g.end - shift, g.text) for g in spoken.segments)
-        return Spoken(spoken.text, None, segments)
+        # before the end, a loop, or punctuation alone: the turn is decoded alone instead.
+        if spoken.stopped_at is not None or repetitive(spoken.text):
+            return ""
+        return spoken.text.strip() if says_words(spoken.text) else ""
 
     def _generate(
         self, features: Any, prompt: list[int], options: dict[str, Any], doubt_retry: bool
@@ -274,20 +238,3 @@ class EmbeddedWhisperEngine(Engine):
             )
             self._tokenizers[language] = tokenizer
         return tokenizer
-
-
-def _settled(spoken: Spoken, shift_s: float, before: Settled | None) -> Settled | None:
-    """What a decode settled: its segments but the last, which it wrote while it heard more
-    speech after them (``shift_s``: where its audio starts in the utterance's; ``before``:
-    what the decode itself was behind). ``None`` with fewer than two segments."""
-    segments = spoken.segments
-    if len(segments) < 2:
-        return None
-    last = segments[-2]
-    head = "".join(g.text for g in segments[:-1])
-    return Settled(
-        at_s=last.end + shift_s,
-        text=(before.text if before is not None else "") + head,
-        last_s=last.start + shift_s,
-        last_text=last.text,
-    )

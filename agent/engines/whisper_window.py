@@ -23,8 +23,7 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -53,14 +52,6 @@ _WORD = re.compile(r"[\w']+")
 MAX_COMPRESSION_RATIO = 2.4
 
 
-class Segment(NamedTuple):
-    """One timestamped segment of a decode: its start and end in the decoded audio (s)."""
-
-    start: float
-    end: float
-    text: str
-
-
 @dataclass(frozen=True)
 class Spoken:
     """The kept text of one decode, and where the model stopped before the audio's end
@@ -68,8 +59,6 @@ class Spoken:
 
     text: str
     stopped_at: float | None = None
-    #: The kept segments (their texts make ``text``): where the model put its boundaries.
-    segments: tuple[Segment, ...] = field(default=(), compare=False)
 
 
 def fit_features(
@@ -143,7 +132,7 @@ def spoken_text(
     on a segment opened with no words in it (``... <|20.00|><|20.00|>`` then the end) stopped
     early at that time when more than ``CONTINUE_MIN_S`` of audio is left.
     """
-    segments: list[Segment] = []
+    texts: list[str] = []
     words: list[int] = []
     start: float | None = None
     last_end = 0.0
@@ -157,18 +146,13 @@ def spoken_text(
         at = (token - timestamp_begin) * TIMESTAMP_S
         if start is None:
             if at >= duration_s - END_MARGIN_S or at < last_end - TIMESTAMP_S:
-                return _spoken(segments)
+                return Spoken("".join(texts))
             start = at
         else:
-            segments.append(Segment(start, at, said_once(decode(words), start, at)))
+            texts.append(said_once(decode(words), start, at))
             words, start, last_end = [], None, at
     if words and (start is None or start < duration_s - END_MARGIN_S):
-        begun = start or 0.0
-        segments.append(Segment(begun, duration_s, said_once(decode(words), begun, duration_s)))
-    elif segments and start is not None and not words and start < duration_s - CONTINUE_MIN_S:
-        return _spoken(segments, stopped_at=start)
-    return _spoken(segments)
-
-
-def _spoken(segments: list[Segment], stopped_at: float | None = None) -> Spoken:
-    return Spoken("".join(s.text for s in segments), stopped_at, tuple(segments))
+        texts.append(said_once(decode(words), start or 0.0, duration_s))
+    elif texts and start is not None and not words and start < duration_s - CONTINUE_MIN_S:
+        return Spoken("".join(texts), stopped_at=start)
+    return Spoken("".join(texts))

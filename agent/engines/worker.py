@@ -39,7 +39,6 @@ from agent.engines.base import (
     Engine,
     EngineRequest,
     EngineResult,
-    Settled,
     StreamingEngine,
 )
 from agent.engines.base import Priority as Priority  # re-exported: sessions import it here
@@ -57,8 +56,6 @@ class Transcription:
     queue_ms: float
     engine_ms: float
     batch_size: int
-    #: ``EngineResult.settled``: for the same open utterance's next request.
-    settled: Settled | None = None
 
 
 @dataclass(eq=False)
@@ -311,7 +308,6 @@ class EngineWorker:
                     queue_ms=(started - job.submitted) * 1000,
                     engine_ms=engine_ms,
                     batch_size=len(batch),
-                    settled=result.settled,
                 )
             )
 

@@ -12,7 +12,6 @@ import numpy as np
 
 from agent.config import EngineConfig
 from agent.detector import InterimDue
-from agent.engines.base import EngineRequest, EngineResult, Settled
 from agent.engines.worker import EngineWorker
 from agent.items import EARLIER_FINALS, HOLD_S, ItemPipeline
 from agent.segmenter import SpeechPaused, SpeechResumed, SpeechStarted, SpeechStopped, Utterance
@@ -477,53 +476,3 @@ async def test_no_context_when_final_context_is_off() -> None:
     assert befores == [None, None]
     completed = [e["transcript"] for e in h.sent if e["type"] == COMPLETED]
     assert completed == ["No matter.", "Try again."]
-
-
-class SettlingEngine(GatedEngine):
-    """``GatedEngine`` whose answers also say what they settled (``settles``: audio ms ->
-    ``Settled``), and which records what each request came with."""
-
-    def __init__(self, texts: dict[int, str], settles: dict[int, Settled], **kw: Any) -> None:
-        super().__init__(scripted(texts), key=length_ms, **kw)
-        self.settles = settles
-        self.seen: list[tuple[int, bool, Settled | None]] = []
-
-    def transcribe(self, batch: Sequence[EngineRequest]) -> list[EngineResult]:
-        self.seen.extend((length_ms(r), r.draft, r.settled) for r in batch)
-        answers = super().transcribe(batch)
-        return [
-            EngineResult(a.text, settled=self.settles.get(length_ms(r)))
-            for a, r in zip(answers, batch, strict=True)
-        ]
-
-
-async def test_a_long_turn_is_decoded_after_what_a_withdrawn_speculation_settled() -> None:
-    """A withdrawn speculative final's (final-quality) decode says how much of the turn it
-    settled; the item's later interims, speculative finals and final carry it, so the engine
-    may decode only what follows. A draft's settled start is never kept, and the next item
-    starts afresh."""
-    first = Settled(at_s=2.0, text=" One. Two.", last_s=1.0, last_text=" Two.")
-    draft = Settled(at_s=4.5, text=" One. Two. Three.", last_s=2.0, last_text=" Three.")
-    texts = {3000: "One. Two. Thr", 5000: "One. Two. Three", 6000: "One. Two. Three. Four."}
-    eng = SettlingEngine({**texts, 800: "Next."}, {3000: first, 5000: draft}, gated=[3000])
-    async with pipeline(eng) as h:
-        h.items.handle([SpeechStarted(0, 0), SpeechPaused(0, ms(3000), 3000)])
-        await eng.reached(3000)  # the engine has taken the speculative decode ...
-        h.items.handle([SpeechResumed(0)])  # ... when speech goes on
-        eng.open(3000)
-        await h.settle()
-        h.items.handle([InterimDue(0, ms(5000))])
-        await h.settle()
-        h.items.handle([SpeechPaused(0, ms(6000), 6000), SpeechStopped(0, 6000, 6224)])
-        h.items.handle([Utterance(0, ms(6000), 0, 0, 6000, "silence")])
-        await h.settle()
-        h.items.handle([SpeechStarted(1, 7000), Utterance(1, ms(800), 0, 7000, 7800, "silence")])
-        await h.settle()
-    assert [(ms_, draft_, s) for ms_, draft_, s in eng.seen] == [
-        (3000, False, None),
-        (5000, True, first),
-        (6000, False, first),  # the speculative final, reused as the final
-        (800, False, None),
-    ]
-    completed = [e["transcript"] for e in h.sent if e["type"] == COMPLETED]
-    assert completed == ["One. Two. Three. Four.", "Next."]

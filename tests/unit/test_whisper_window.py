@@ -13,12 +13,11 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from agent.engines.base import Engine, EngineRequest, Settled, SpokenBefore
+from agent.engines.base import Engine, EngineRequest, SpokenBefore
 from agent.engines.whisper_window import (
     FULL_WINDOW_FRAMES,
     MIN_WINDOW_FRAMES,
     PAD_FRAMES,
-    Segment,
     Spoken,
     fit_features,
     repetitive,
@@ -64,19 +63,6 @@ def test_the_window_fits_the_utterance(frames: int, full: bool, expected: int) -
 def test_segments_inside_the_audio_are_kept() -> None:
     tokens = [at(0), 1, 2, at(1.2), at(1.2), 3, at(2.5), EOT]
     assert spoken_text(tokens, TS, EOT, words, 3.0) == Spoken(" w1 w2 w3")
-
-
-def test_the_kept_segments_say_where_the_model_put_its_boundaries() -> None:
-    """A long turn's later decodes start at one of them (``base.Settled``)."""
-    tokens = [at(0), 1, 2, at(1.2), at(1.3), 3, at(2.5), at(2.5), 1, at(2.9), at(3.0), 2]
-    assert spoken_text(tokens, TS, EOT, words, 3.0).segments == (
-        Segment(0.0, 1.2, " w1 w2"),
-        Segment(1.3, 2.5, " w3"),
-        Segment(2.5, 2.9, " w1"),
-    )  # the last one started at the audio's end: cut
-    assert spoken_text([at(0), 1, 2, 3], TS, EOT, words, 3.0).segments == (
-        Segment(0.0, 3.0, " w1 w2 w3"),
-    )  # a last segment without its closing timestamp ends with the audio
 
 
 def test_a_segment_starting_at_the_end_of_the_audio_is_cut() -> None:
@@ -342,40 +328,3 @@ def test_a_turn_is_heard_better_behind_the_turn_before(
     said = normalise(behind.text)
     assert said.startswith("he counted the coins twice") and said.endswith("3 short"), said
     assert "passport" not in said
-
-
-def test_a_long_turn_is_decoded_from_what_it_settled(
-    embedded_engine: Engine, tmp_path: Path
-) -> None:
-    """Four read sentences without a pause (one turn of ~13 s): its decode says where its
-    text is settled (a segment boundary before its last segment). Decoded again from there
-    (``EngineRequest.settled``), the engine hears only the last settled segment (forced)
-    and what follows, and returns the settled text as it was given, then the same words as
-    the whole decode, for a final and for a draft."""
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("needs espeak-ng (scripts/test.sh installs it)")
-    wav = tmp_path / "turn.wav"
-    make = [sys.executable, str(REPO / "bench/make_read_speech.py"), str(wav)]
-    subprocess.run(
-        [*make, "--sentences", "4", "--per-utterance", "4"],
-        check=True,
-        capture_output=True,
-    )
-    audio = read_audio(wav)
-    (whole,) = embedded_engine.transcribe([EngineRequest(audio)])
-    settled = whole.settled
-    assert settled is not None, whole.text
-    assert 1.0 < settled.at_s < len(audio) / 16000 - 1.0
-    assert settled.last_s < settled.at_s and settled.text.endswith(settled.last_text)
-    assert whole.text.startswith(settled.text.strip())
-    rest = normalise(whole.text[len(settled.text.strip()) :]).split()
-    # A word the audio does not hold, in the settled text before its last segment: it comes
-    # back as given, so the audio before the last settled segment was not decoded again.
-    given = Settled(settled.at_s, " Xylophone." + settled.text, settled.last_s, settled.last_text)
-    for draft in (False, True):
-        (again,) = embedded_engine.transcribe([EngineRequest(audio, draft=draft, settled=given)])
-        assert again.text.startswith("Xylophone." + settled.text), (draft, again.text)
-        said = normalise(again.text[len("Xylophone." + settled.text) :]).split()
-        assert errors(rest, said) <= 3, (draft, rest, said)
-        assert again.settled is not None and again.settled.at_s >= settled.at_s
-        assert again.settled.text.startswith(" Xylophone.")
