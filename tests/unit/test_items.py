@@ -13,7 +13,7 @@ import numpy as np
 from agent.config import EngineConfig
 from agent.detector import InterimDue
 from agent.engines.worker import EngineWorker
-from agent.items import EARLIER_FINALS, HOLD_S, ItemPipeline
+from agent.items import EAGER_HYPOTHESES, EARLIER_FINALS, HOLD_S, ItemPipeline
 from agent.segmenter import SpeechPaused, SpeechResumed, SpeechStarted, SpeechStopped, Utterance
 from tests.support.clock import ManualClock, until
 from tests.support.engine_gate import GatedEngine, length_ms
@@ -346,6 +346,28 @@ async def test_interims_are_eager_until_the_first_delta_then_spaced_by_their_cos
         await interim(1400)  # just past 300 ms after the last one's answer: decoded
         assert eng.begun == [500, 800, 1100, 1400]
         assert [e["delta"] for e in h.sent if e["type"] == DELTA] == ["Yes", " we"]
+
+
+async def test_interims_stay_eager_while_the_hypotheses_disagree() -> None:
+    """Until two hypotheses agree, up to ``EAGER_HYPOTHESES`` interims go at the detector's
+    pace whatever they cost (read8's slowest first deltas were turns whose first words the
+    model kept changing); only then are they spaced by their cost."""
+    lengths = [500 + 300 * k for k in range(EAGER_HYPOTHESES + 1)]
+    texts = {n: f"Word{n}" for n in lengths}  # no two agree
+    eng = engine(texts, gated=lengths)
+    async with pipeline(eng) as h:
+        h.items.interim_share = 0.25
+        h.items.handle([SpeechStarted(0, 0)])
+        for n in lengths[:-1]:
+            h.items.handle([InterimDue(0, ms(n))])  # due at once after the one before
+            await eng.reached(n)
+            await h.clock.advance(0.1)
+            eng.open(n)
+            await until(h.item(0).interim.done, f"the {n} ms interim")
+        h.items.handle([InterimDue(0, ms(lengths[-1]))])  # one more: now spaced
+        await h.settle()
+        assert eng.begun == lengths[:-1]
+        assert not [e for e in h.sent if e["type"] == DELTA]
 
 
 async def test_interims_come_at_least_every_two_seconds_on_a_long_turn() -> None:
