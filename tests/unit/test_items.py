@@ -320,6 +320,15 @@ async def test_a_pause_goes_on_the_engine_only_once_it_has_lasted_the_hold() -> 
         assert completed["timings"]["decode_after_ms"] == 2000 + 64 - 1968
 
 
+async def decoded_interim(h: Harness, eng: GatedEngine, n: int) -> None:
+    """Item 0's interim of its first ``n`` ms, due now: decoded in 100 ms of engine time."""
+    h.items.handle([InterimDue(0, ms(n))])
+    await eng.reached(n)
+    await h.clock.advance(0.1)
+    eng.open(n)
+    await until(h.item(0).interim.done, f"the {n} ms interim")
+
+
 async def test_interims_are_eager_until_the_first_delta_then_spaced_by_their_cost() -> None:
     """With ``interim_share`` 0.25, an interim whose decode took 100 ms of engine time
     holds the next one off for 300 ms more, but only once the item has sent a delta."""
@@ -328,22 +337,15 @@ async def test_interims_are_eager_until_the_first_delta_then_spaced_by_their_cos
     async with pipeline(eng) as h:
         h.items.interim_share = 0.25
 
-        async def interim(n: int) -> None:
-            h.items.handle([InterimDue(0, ms(n))])
-            await eng.reached(n)
-            await h.clock.advance(0.1)  # the decode takes 100 ms of engine time
-            eng.open(n)
-            await until(h.item(0).interim.done, f"the {n} ms interim")
-
         h.items.handle([SpeechStarted(0, 0)])
-        await interim(500)
-        await interim(800)  # eager: disagrees with the first, no delta yet
-        await interim(1100)  # eager still: agrees on "Yes", the first delta
+        await decoded_interim(h, eng, 500)
+        await decoded_interim(h, eng, 800)  # eager: disagrees with the first, no delta yet
+        await decoded_interim(h, eng, 1100)  # eager still: agrees on "Yes", the first delta
         h.items.handle([InterimDue(0, ms(1400))])  # 0 ms after: held off
         await h.clock.advance(0.299)
         h.items.handle([InterimDue(0, ms(1400))])  # 299 ms after: still held off
         await h.clock.advance(0.002)
-        await interim(1400)  # just past 300 ms after the last one's answer: decoded
+        await decoded_interim(h, eng, 1400)  # just past 300 ms after the last one's answer: decoded
         assert eng.begun == [500, 800, 1100, 1400]
         assert [e["delta"] for e in h.sent if e["type"] == DELTA] == ["Yes", " we"]
 
@@ -359,11 +361,7 @@ async def test_interims_stay_eager_while_the_hypotheses_disagree() -> None:
         h.items.interim_share = 0.25
         h.items.handle([SpeechStarted(0, 0)])
         for n in lengths[:-1]:
-            h.items.handle([InterimDue(0, ms(n))])  # due at once after the one before
-            await eng.reached(n)
-            await h.clock.advance(0.1)
-            eng.open(n)
-            await until(h.item(0).interim.done, f"the {n} ms interim")
+            await decoded_interim(h, eng, n)  # due at once after the one before
         h.items.handle([InterimDue(0, ms(lengths[-1]))])  # one more: now spaced
         await h.settle()
         assert eng.begun == lengths[:-1]
@@ -378,11 +376,7 @@ async def test_interims_come_at_least_every_two_seconds_on_a_long_turn() -> None
         h.items.interim_share = 0.01
         h.items.handle([SpeechStarted(0, 0)])
         for n in (500, 800, 1100):
-            h.items.handle([InterimDue(0, ms(n))])
-            await eng.reached(n)
-            await h.clock.advance(0.1)
-            eng.open(n)
-            await until(h.item(0).interim.done, f"the {n} ms interim")
+            await decoded_interim(h, eng, n)
         await h.clock.advance(1.899)  # 2 s after the last one began, less 1 ms
         h.items.handle([InterimDue(0, ms(3100))])
         assert eng.begun == [500, 800, 1100]
