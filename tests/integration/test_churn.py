@@ -9,6 +9,7 @@ real: aiortc peers, Opus, ICE/DTLS/SCTP on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import os
 import signal
@@ -31,15 +32,23 @@ AT_ONCE = 8
 #: Every this-many-th call is a client process killed with SIGKILL mid-phrase.
 KILL_EVERY = 40
 #: Measured here (2 cores; clients and server in this one process, after a warm-up of 16
-#: calls): the first 100 churned calls raise RSS by 20-36 MB, the allocator's high-water mark
-#: with ~35 abandoned client peers alive until the end of the half; the next 100 by 2-6 MB,
-#: and a longer run plateaus (+3 MB from call 200 to 600). A leak of one call's objects (a
-#: peer and its buffers: hundreds of KB) would add tens of MB per 100 calls.
+#: calls; RSS read after `malloc_trim`): the first 100 churned calls raise RSS by 15-18 MB,
+#: with ~35 abandoned client peers alive until the end of the half; the next 100 by 0.4-1.6
+#: MB, with a CPU hog beside the test or without. Untrimmed, the first figure was the
+#: allocator's high-water mark and swung from +37 to +61 MB with the load and with what the
+#: suite had imported before. A leak of one call's objects (a peer and its buffers: hundreds
+#: of KB) would add tens of MB per 100 calls.
 RSS_GROWTH_BOUND_MB = 60
 RSS_SECOND_HALF_BOUND_MB = 12
 
 
 def rss_mb() -> float:
+    """Resident memory after glibc has handed its free pages back.
+
+    Without the trim, RSS is the allocator's high-water mark: how much the busiest moment
+    needed, which depends on how many peers the load let overlap, not on what was kept.
+    """
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
