@@ -63,9 +63,11 @@ ENGINE_LAG = "voxtral.engine_lag"
 EARLIER_FINALS = 5
 #: Until its first delta, an item's interims go at the detector's pace (for up to this many
 #: hypotheses): the agreement needs two that agree, and the first words are the ones a
-#: listener waits for. After that, ``interim_share`` spaces them. (Six brought read8's
-#: first-delta p95 from 2084 to 1613 ms, but not kept: docs/benchmarks.md.)
-EAGER_HYPOTHESES = 4
+#: listener waits for. After that, ``interim_share`` spaces them. Six rather than four: on
+#: read8 over the WebSocket the first delta's p95 came at 1613 against 2084 ms (turns whose
+#: first words the model kept changing waited for spaced interims), at the same CPU, words
+#: and deltas the final contradicts (22 against 21 of 91 items; docs/benchmarks.md).
+EAGER_HYPOTHESES = 6
 #: ... and never more than this apart: on a long turn each re-decode costs more (its whole
 #: audio so far), and words every few seconds are still worth that.
 INTERIM_MAX_GAP_S = 2.0

@@ -46,7 +46,7 @@ class WsAudio:
     each message already JSON (base64), and one of silence for after the file."""
 
     def __init__(self, samples: Any, chunk_ms: int) -> None:
-        pcm = _to_pcm16(samples, WS_RATE)
+        pcm = to_pcm16(samples, WS_RATE)
         step = WS_RATE * chunk_ms // 1000
         self.chunk_s = step / WS_RATE
         self.messages = [_append(pcm[i : i + step]) for i in range(0, len(pcm), step)]
@@ -67,7 +67,7 @@ class TwilioAudio:
         self.silence = MULAW_SILENCE * CHUNK_BYTES
 
 
-def _to_pcm16(samples: Any, rate: int) -> Any:
+def to_pcm16(samples: Any, rate: int) -> Any:
     # Up-sampled as Pipecat's OpenAI transcription service does before it sends (soxr, very
     # high quality; LiveKit's resampler is soxr too). PyAV's default filter, which this client
     # used before, dulls the top of the band: offline, each pass through it cost tiny.en 6-8
