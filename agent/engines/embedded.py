@@ -136,15 +136,34 @@ class EmbeddedWhisperEngine(Engine):
             part = features[:, offset:]
             duration_s = part.shape[1] / FRAMES_PER_S
             result = self._generate(part, prompt, options, doubt_retry=not request.draft)
+            spoken = spoken_text(
+                result.sequences_ids[0],
+                tokenizer.timestamp_begin,
+                tokenizer.eot,
+                tokenizer.decode,
+                duration_s,
+            )
+            if repetitive(spoken.text) and not request.draft and not self._full_window:
+                # On the fitted window tiny.en may fall into a loop where Whisper's own 30 s
+                # does not (long3 through Opus, the file path: "No no no ..." 112 times over
+                # a 4-s sentence, docs/benchmarks.md); a final or a file is decoded again
+                # there, as finals in doubt are (faster-whisper would retry hotter instead).
+                # What the 30 s say stands: speech that repeats itself (beckett's phrases
+                # over and over) is "repetitive" on either window and must still be said.
+                result = self._generate(part, prompt, options, doubt_retry=False, full=True)
+                spoken = spoken_text(
+                    result.sequences_ids[0],
+                    tokenizer.timestamp_begin,
+                    tokenizer.eot,
+                    tokenizer.decode,
+                    duration_s,
+                )
             tokens = result.sequences_ids[0]
             # faster-whisper's rule: the score is the log-probability per token (length
             # penalty 1); their mean counts the end of text too.
             avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
             if result.no_speech_prob > NO_SPEECH_THRESHOLD and avg_logprob < LOG_PROB_THRESHOLD:
                 break
-            spoken = spoken_text(
-                tokens, tokenizer.timestamp_begin, tokenizer.eot, tokenizer.decode, duration_s
-            )
             if texts and repetitive(spoken.text):
                 # On the few seconds left after a stop, conditioned on the text before,
                 # tiny.en may loop on its last words ("fail better, fail better, ...").
@@ -202,11 +221,16 @@ class EmbeddedWhisperEngine(Engine):
         return spoken.text.strip() if says_words(spoken.text) else ""
 
     def _generate(
-        self, features: Any, prompt: list[int], options: dict[str, Any], doubt_retry: bool
+        self,
+        features: Any,
+        prompt: list[int],
+        options: dict[str, Any],
+        doubt_retry: bool,
+        full: bool = False,
     ) -> Any:
         import ctranslate2
 
-        full_window = self._full_window
+        full_window = self._full_window or full
         while True:
             window = ctranslate2.StorageView.from_array(fit_features(features, full_window)[None])
             result = self._model.model.generate(

@@ -7,7 +7,10 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -328,3 +331,52 @@ def test_a_turn_is_heard_better_behind_the_turn_before(
     said = normalise(behind.text)
     assert said.startswith("he counted the coins twice") and said.endswith("3 short"), said
     assert "passport" not in said
+
+
+class _LoopOnTheWindow:
+    """tiny.en's CTranslate2 model, except that a decode on the windows ``loops_on``
+    selects comes back as a loop ("No no no ...", as long3 through Opus made on the fitted
+    window, docs/benchmarks.md): what the engine does with a loop, on the real model."""
+
+    def __init__(self, model: Any, loop: list[int], loops_on: Callable[[int], bool]) -> None:
+        self._model = model
+        self._loop = loop
+        self._loops_on = loops_on
+        self.windows: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def generate(self, features: Any, prompts: Any, **options: Any) -> Any:
+        frames = int(features.shape[-1])
+        self.windows.append(frames)
+        if self._loops_on(frames):
+            return [SimpleNamespace(sequences_ids=[self._loop], scores=[-0.2], no_speech_prob=0.01)]
+        return self._model.generate(features, prompts, **options)
+
+
+def _looping(engine: Engine, monkeypatch: pytest.MonkeyPatch, **kw: Any) -> _LoopOnTheWindow:
+    whisper = engine._model  # type: ignore[attr-defined]
+    tokenizer = engine._tokenizer("en")  # type: ignore[attr-defined]
+    begin = tokenizer.timestamp_begin
+    loop = [begin, *tokenizer.encode(" No" + " no" * 60), begin + 200, tokenizer.eot]
+    wrapper = _LoopOnTheWindow(whisper.model, loop, **kw)
+    monkeypatch.setattr(whisper, "model", wrapper)
+    return wrapper
+
+
+def test_a_loop_on_the_fitted_window_is_decoded_again_on_30_s(
+    embedded_engine: Engine,
+    full_window_engine: Engine,
+    beckett_audio: npt.NDArray[np.float32],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    phrase = beckett_audio[: int(16000 * 2.5)]
+    (expected,) = full_window_engine.transcribe([EngineRequest(phrase)])
+    assert says_words(expected.text)
+    wrapper = _looping(
+        embedded_engine, monkeypatch, loops_on=lambda frames: frames < FULL_WINDOW_FRAMES
+    )
+    (result,) = embedded_engine.transcribe([EngineRequest(phrase)])
+    assert wrapper.windows[0] < FULL_WINDOW_FRAMES and FULL_WINDOW_FRAMES in wrapper.windows
+    assert result.text == expected.text
