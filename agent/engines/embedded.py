@@ -26,6 +26,7 @@ from agent.engines.base import SAMPLE_RATE, Engine, EngineRequest, EngineResult,
 from agent.engines.whisper_window import (
     FRAMES_PER_S,
     TIMESTAMP_S,
+    Spoken,
     fit_features,
     repetitive,
     says_words,
@@ -128,6 +129,16 @@ class EmbeddedWhisperEngine(Engine):
         features = self._model.feature_extractor(request.audio)
         texts: list[str] = []
         offset = 0  # frames already said
+
+        def said(result: Any, duration_s: float) -> Spoken:
+            return spoken_text(
+                result.sequences_ids[0],
+                tokenizer.timestamp_begin,
+                tokenizer.eot,
+                tokenizer.decode,
+                duration_s,
+            )
+
         for _ in range(MAX_CONTINUATIONS + 1):
             # A continuation is conditioned on what was said before it, as faster-whisper
             # conditions each window on the previous ones' text.
@@ -136,13 +147,7 @@ class EmbeddedWhisperEngine(Engine):
             part = features[:, offset:]
             duration_s = part.shape[1] / FRAMES_PER_S
             result = self._generate(part, prompt, options, doubt_retry=not request.draft)
-            spoken = spoken_text(
-                result.sequences_ids[0],
-                tokenizer.timestamp_begin,
-                tokenizer.eot,
-                tokenizer.decode,
-                duration_s,
-            )
+            spoken = said(result, duration_s)
             if repetitive(spoken.text) and not request.draft and not self._full_window:
                 # On the fitted window tiny.en may fall into a loop where Whisper's own 30 s
                 # does not (long3 through Opus, the file path: "No no no ..." 112 times over
@@ -151,13 +156,7 @@ class EmbeddedWhisperEngine(Engine):
                 # What the 30 s say stands: speech that repeats itself (beckett's phrases
                 # over and over) is "repetitive" on either window and must still be said.
                 result = self._generate(part, prompt, options, doubt_retry=False, full=True)
-                spoken = spoken_text(
-                    result.sequences_ids[0],
-                    tokenizer.timestamp_begin,
-                    tokenizer.eot,
-                    tokenizer.decode,
-                    duration_s,
-                )
+                spoken = said(result, duration_s)
             tokens = result.sequences_ids[0]
             # faster-whisper's rule: the score is the log-probability per token (length
             # penalty 1); their mean counts the end of text too.

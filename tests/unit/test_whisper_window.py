@@ -355,12 +355,14 @@ class _LoopOnTheWindow:
         return self._model.generate(features, prompts, **options)
 
 
-def _looping(engine: Engine, monkeypatch: pytest.MonkeyPatch, **kw: Any) -> _LoopOnTheWindow:
+def _looping(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, loops_on: Callable[[int], bool]
+) -> _LoopOnTheWindow:
     whisper = engine._model  # type: ignore[attr-defined]
     tokenizer = engine._tokenizer("en")  # type: ignore[attr-defined]
     begin = tokenizer.timestamp_begin
     loop = [begin, *tokenizer.encode(" No" + " no" * 60), begin + 200, tokenizer.eot]
-    wrapper = _LoopOnTheWindow(whisper.model, loop, **kw)
+    wrapper = _LoopOnTheWindow(whisper.model, loop, loops_on)
     monkeypatch.setattr(whisper, "model", wrapper)
     return wrapper
 
