@@ -40,6 +40,10 @@ END_MARGIN_S = 0.1
 #: A decode that stopped early is continued only when this much audio is left after it
 #: (a VAD's turn ends with ~0.2 s of hangover and the window with a second of padding).
 CONTINUE_MIN_S = 0.5
+#: A decode whose last segment closed this long before the end of the audio left speech
+#: unsaid: tiny.en may end a 30-s piece where a second voice begins (long3 through Opus:
+#: two sentences of 10 s dropped, docs/benchmarks.md). It is continued from that close.
+UNSAID_MIN_S = 2.0
 #: A segment whose last this-many words or more are the words just before them said again
 #: ends in a repeat (``without_repeated_end``) ...
 REPEAT_MIN_WORDS = 3
@@ -155,4 +159,6 @@ def spoken_text(
         texts.append(said_once(decode(words), start or 0.0, duration_s))
     elif texts and start is not None and not words and start < duration_s - CONTINUE_MIN_S:
         return Spoken("".join(texts), stopped_at=start)
+    elif texts and start is None and last_end < duration_s - UNSAID_MIN_S:
+        return Spoken("".join(texts), stopped_at=last_end)
     return Spoken("".join(texts))

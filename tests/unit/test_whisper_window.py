@@ -89,8 +89,11 @@ def test_a_decode_that_stops_early_says_where() -> None:
     """``<|20.00|><|20.00|>`` then the end, 5 s before the audio's: the rest is unsaid."""
     tokens = [at(0), 1, 2, at(10.0), at(10.0), 3, at(20.0), at(20.0), EOT]
     assert spoken_text(tokens, TS, EOT, words, 25.0) == Spoken(" w1 w2 w3", stopped_at=20.0)
-    # A single closing time stamp ends the speech: nothing more to say.
-    assert spoken_text(tokens[:-2], TS, EOT, words, 25.0) == Spoken(" w1 w2 w3")
+    # A single closing time stamp ends the speech when the audio ends within UNSAID_MIN_S
+    # of it; 5 s later, the rest is unsaid too (a piece of VAD-packed speech whose second
+    # voice tiny.en left out, long3 through Opus), and said from that close.
+    assert spoken_text(tokens[:-2], TS, EOT, words, 21.9) == Spoken(" w1 w2 w3")
+    assert spoken_text(tokens[:-2], TS, EOT, words, 25.0) == Spoken(" w1 w2 w3", stopped_at=20.0)
     # Within CONTINUE_MIN_S of the end (the hangover and the padding): covered.
     assert spoken_text(tokens, TS, EOT, words, 20.4) == Spoken(" w1 w2 w3")
     # Nothing said at all is no place to go on from.
