@@ -16,7 +16,7 @@ because faster-whisper always pads to 30 s.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -146,17 +146,19 @@ class EmbeddedWhisperEngine(Engine):
             prompt = self._model.get_prompt(tokenizer, previous, without_timestamps=False)
             part = features[:, offset:]
             duration_s = part.shape[1] / FRAMES_PER_S
-            result = self._generate(part, prompt, options, doubt_retry=not request.draft)
+
+            # On the fitted window tiny.en may also fall into a loop where Whisper's own 30 s
+            # does not (long3 through Opus, the file path: "No no no ..." 112 times over a
+            # 4-s sentence, docs/benchmarks.md): such a decode is in doubt too. What the
+            # 30 s say stands: speech that repeats itself (beckett's phrases over and over)
+            # is "repetitive" on either window and must still be said.
+            def in_doubt(result: Any, seconds: float = duration_s) -> bool:
+                return result.no_speech_prob > DOUBTFUL_NO_SPEECH or repetitive(
+                    said(result, seconds).text
+                )
+
+            result = self._generate(part, prompt, options, None if request.draft else in_doubt)
             spoken = said(result, duration_s)
-            if repetitive(spoken.text) and not request.draft and not self._full_window:
-                # On the fitted window tiny.en may fall into a loop where Whisper's own 30 s
-                # does not (long3 through Opus, the file path: "No no no ..." 112 times over
-                # a 4-s sentence, docs/benchmarks.md); a final or a file is decoded again
-                # there, as finals in doubt are (faster-whisper would retry hotter instead).
-                # What the 30 s say stands: speech that repeats itself (beckett's phrases
-                # over and over) is "repetitive" on either window and must still be said.
-                result = self._generate(part, prompt, options, doubt_retry=False, full=True)
-                spoken = said(result, duration_s)
             tokens = result.sequences_ids[0]
             # faster-whisper's rule: the score is the log-probability per token (length
             # penalty 1); their mean counts the end of text too.
@@ -203,7 +205,7 @@ class EmbeddedWhisperEngine(Engine):
         forced = [begin, *tokenizer.encode(" " + said), end_of_before]
         prompt = self._model.get_prompt(tokenizer, previous, without_timestamps=False) + forced
         # No 30-s retry: the no-speech score is the window's, and the context is speech.
-        result = self._generate(features, prompt, options, doubt_retry=False)
+        result = self._generate(features, prompt, options, in_doubt=None)
         tokens = result.sequences_ids[0]
         if tokens[: len(forced)] == forced:  # CTranslate2 returns the forced prefix too
             tokens = tokens[len(forced) :]
@@ -224,12 +226,13 @@ class EmbeddedWhisperEngine(Engine):
         features: Any,
         prompt: list[int],
         options: dict[str, Any],
-        doubt_retry: bool,
-        full: bool = False,
+        in_doubt: Callable[[Any], bool] | None,
     ) -> Any:
+        """One decode; on the fitted window, again on the full one when ``in_doubt`` says
+        so of the fitted result (at most once: what the 30 s say stands)."""
         import ctranslate2
 
-        full_window = self._full_window or full
+        full_window = self._full_window
         while True:
             window = ctranslate2.StorageView.from_array(fit_features(features, full_window)[None])
             result = self._model.model.generate(
@@ -244,7 +247,7 @@ class EmbeddedWhisperEngine(Engine):
                 max_initial_timestamp_index=MAX_INITIAL_TIMESTAMP_INDEX,
                 **options,
             )[0]
-            if full_window or not doubt_retry or result.no_speech_prob <= DOUBTFUL_NO_SPEECH:
+            if full_window or in_doubt is None or not in_doubt(result):
                 return result
             # The fitted window judges "is this speech?" worse than the full one: a cut-off
             # "Ever tr" scored 0.7 there (0.45 on 30 s), a noise burst came out as a
