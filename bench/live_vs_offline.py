@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -40,10 +39,10 @@ from bench.common import (
     subprocess_server,
     word_errors,
 )
+from bench.offline_wer import cli_text, turns
 from bench.socket_clients import WS_RATE, WsAudio, WsClient, to_pcm16
 from voxtral_rtc_client.text import normalise
 
-ROOT = Path(__file__).resolve().parents[1]
 CHUNK_MS = 50
 #: After the file: silence long enough for the last turn's final.
 TAIL_S = 4.0
@@ -88,30 +87,9 @@ async def live_items(samples: Any, work: Path) -> list[dict[str, Any]]:
 
 def offline_items(audio: Any) -> list[dict[str, Any]]:
     """The live path's turns of ``audio``, each decoded behind the one before it."""
-    from agent.config import Config
-    from agent.engines.base import EngineRequest
-    from agent.engines.embedded import EmbeddedWhisperEngine
-    from agent.items import SpokenHistory
-    from bench.common import offline_finals
-
-    config = Config()
-    engine = EmbeddedWhisperEngine(config.engine)
-    spoken = SpokenHistory()
-    items = []
-    for turn, cut in offline_finals(audio, config):
-        text = engine.transcribe([EngineRequest(cut, before=spoken.last)])[0].text
-        spoken.add(turn.audio, text)
-        items.append({"start": turn.start_ms, "end": turn.end_ms, "text": text})
-    return items
-
-
-def file_path_text(wav: Path) -> str:
-    cli = [sys.executable, "-m", "signaling.cli", "transcribe", "--format", "text", "--quiet"]
-    env = {"PATH": "/usr/bin:/bin"}
-    done = subprocess.run(
-        [*cli, str(wav)], cwd=ROOT, env=env, capture_output=True, text=True, check=True
-    )
-    return done.stdout
+    return [
+        {"start": turn.start_ms, "end": turn.end_ms, "text": text} for turn, text in turns(audio)
+    ]
 
 
 def differences(live: list[dict[str, Any]], offline: list[dict[str, Any]]) -> list[str]:
@@ -151,7 +129,7 @@ def main() -> int:
         soundfile.write(sent, pcm, WS_RATE, subtype="PCM_16")
         live = asyncio.run(live_items(samples, work))
         offline = offline_items(server_audio(pcm))
-        file_text = file_path_text(sent)
+        file_text = cli_text(sent, "fit")
 
     def row(name: str, text: str) -> list[object]:
         errors, words = word_errors(text, reference)

@@ -62,26 +62,33 @@ def faster_whisper_text(wav: Path) -> str:
     return " ".join(segment.text for segment in segments)
 
 
-def turns_text(
-    wav: Path, behind: bool = True, earlier: int = EARLIER_FINALS, speculative: bool = True
-) -> str:
+def turns(
+    samples: Any, behind: bool = True, earlier: int = EARLIER_FINALS, speculative: bool = True
+) -> list[tuple[Any, str]]:
+    """The live path's turns of ``samples`` (16 kHz) and their texts, in order."""
     from agent.config import Config
     from agent.engines.base import EngineRequest
     from agent.engines.embedded import EmbeddedWhisperEngine
-    from voxtral_rtc_client import read_audio
 
     config = Config()
     config = replace(config, engine=replace(config.engine, speculative_final=speculative))
-    turns = offline_finals(read_audio(wav), config)
     engine = EmbeddedWhisperEngine(config.engine)
-    texts: list[str] = []
+    said: list[tuple[Any, str]] = []
     spoken = SpokenHistory(earlier)  # as the item pipeline keeps a call's finals
-    for turn, audio in turns:
+    for turn, audio in offline_finals(samples, config):
         before = spoken.last if behind else None
         text = engine.transcribe([EngineRequest(audio, before=before)])[0].text
-        texts.append(text)
+        said.append((turn, text))
         spoken.add(turn.audio, text)
-    return " ".join(texts)
+    return said
+
+
+def turns_text(
+    wav: Path, behind: bool = True, earlier: int = EARLIER_FINALS, speculative: bool = True
+) -> str:
+    from voxtral_rtc_client import read_audio
+
+    return " ".join(text for _, text in turns(read_audio(wav), behind, earlier, speculative))
 
 
 def cli_text(wav: Path, window: str) -> str:
