@@ -9,7 +9,8 @@ full`` restores the 30-s window. A final the short window doubts is speech at al
 again on the full one. A live final is decoded behind the utterance before it when the
 call has one (``EngineRequest.before``: its audio first, its text forced as the first
 segment, and the finals before that as its prompt): tiny.en hears a short turn better
-after the one before it. The decode itself follows faster-whisper's ``transcribe`` for one
+after the one before it. A long final that says too few words for its length behind that
+prompt is decoded again without it. The decode itself follows faster-whisper's ``transcribe`` for one
 window (prompt, suppressed tokens, the no-speech rule), calling CTranslate2 directly
 because faster-whisper always pads to 30 s.
 """
@@ -29,6 +30,7 @@ from agent.engines.whisper_window import (
     Spoken,
     fit_features,
     repetitive,
+    says_too_little,
     says_words,
     spoken_text,
 )
@@ -115,7 +117,8 @@ class EmbeddedWhisperEngine(Engine):
             if self._config.temperature > 0
             else {"beam_size": 1 if request.draft else self._config.beam_size}
         )
-        given = " " + request.prompt.strip() if request.prompt else ""
+        own = " " + request.prompt.strip() if request.prompt else ""
+        given = own
         if request.before is not None and not request.draft:
             earlier = request.before.earlier.strip()
             if earlier:
@@ -127,6 +130,22 @@ class EmbeddedWhisperEngine(Engine):
                 return EngineResult(text=after, language=language)
         # Only now: a final decoded behind the utterance before it needs the two's features.
         features = self._model.feature_extractor(request.audio)
+        text = self._decode(features, tokenizer, given, options, request.draft)
+        if given != own and says_too_little(text, request.duration_s):
+            # The earlier finals' text can make tiny.en end a long turn after its first
+            # sentences (whisper_window.says_too_little); without it, it may say them all.
+            # The decode that says more stands, unless it loops.
+            again = self._decode(features, tokenizer, own, options, request.draft)
+            if len(again.split()) > len(text.split()) and not repetitive(again):
+                text = again
+        return EngineResult(text=text, language=language)
+
+    def _decode(
+        self, features: Any, tokenizer: Any, given: str, options: dict[str, Any], draft: bool
+    ) -> str:
+        """The text of ``features`` (log-mel of the whole request), conditioned on ``given``,
+        continued where a decode stopped before the end (at most ``MAX_CONTINUATIONS``
+        times; never for a draft); "" when it says no words."""
         texts: list[str] = []
         offset = 0  # frames already said
 
@@ -157,7 +176,7 @@ class EmbeddedWhisperEngine(Engine):
                     said(result, seconds).text
                 )
 
-            result = self._generate(part, prompt, options, None if request.draft else in_doubt)
+            result = self._generate(part, prompt, options, None if draft else in_doubt)
             spoken = said(result, duration_s)
             tokens = result.sequences_ids[0]
             # faster-whisper's rule: the score is the log-probability per token (length
@@ -171,11 +190,11 @@ class EmbeddedWhisperEngine(Engine):
                 # faster-whisper would retry hotter; a final cannot wait for that.
                 break
             texts.append(spoken.text)
-            if spoken.stopped_at is None or request.draft:
+            if spoken.stopped_at is None or draft:
                 break  # an interim's missing tail is only a later delta
             offset += max(round(spoken.stopped_at * FRAMES_PER_S), 1)
         text = "".join(texts).strip()
-        return EngineResult(text=text if says_words(text) else "", language=language)
+        return text if says_words(text) else ""
 
     def _after(
         self,

@@ -50,6 +50,12 @@ REPEAT_MIN_WORDS = 3
 #: ... which is cut when the segment, with it, would say more words a second than this:
 #: read speech is 2.5-3.5, and a passage spoken twice must keep both.
 MAX_WORDS_PER_S = 4.0
+#: A decode of this much audio or more that says fewer words a second than the next may
+#: have ended before the speech did (``says_too_little``) ...
+TERSE_MIN_S = 6.0
+#: ... read speech is 2.5-3.5 words a second over a turn the VAD cut, hangover included
+#: (long3's turns of 6-22 s: 2.7-3.5; the one that lost two sentences: 2.1).
+TERSE_WORDS_PER_S = 2.5
 _WORD = re.compile(r"[\w']+")
 #: faster-whisper's test for a decode stuck in a loop ("fail better, fail better, ..."):
 #: its text compresses more than this.
@@ -91,6 +97,19 @@ def repetitive(text: str) -> bool:
     """Is ``text`` a loop rather than speech (faster-whisper's compression-ratio rule)?"""
     data = text.encode()
     return bool(data) and len(data) / len(zlib.compress(data)) > MAX_COMPRESSION_RATIO
+
+
+def says_too_little(text: str, duration_s: float) -> bool:
+    """Does ``text``, a decode of ``duration_s`` of a turn, say too few words for its length?
+
+    Conditioned on the call's earlier finals, tiny.en may end a long turn's decode after
+    its first sentences, in one open segment with no time stamp to say where it stopped
+    (long3 over the WebSocket: 43 words for 20.3 s, two sentences lost, where the same
+    decode without the earlier text said all 70). A text that says something, over at least
+    ``TERSE_MIN_S``, slower than ``TERSE_WORDS_PER_S``, is worth a second decode."""
+    if duration_s < TERSE_MIN_S or not says_words(text):
+        return False
+    return len(_WORD.findall(text)) < TERSE_WORDS_PER_S * duration_s
 
 
 def without_repeated_end(text: str) -> str:

@@ -25,6 +25,7 @@ from agent.engines.whisper_window import (
     fit_features,
     repetitive,
     said_once,
+    says_too_little,
     says_words,
     spoken_text,
 )
@@ -130,6 +131,17 @@ def test_a_loop_is_told_from_speech() -> None:
         " ever tried, ever failed, no matter, try again, fail again, fail better."
     )
     assert not repetitive("")
+
+
+def test_a_long_decode_that_says_few_words_is_told_from_speech() -> None:
+    # long3's turn that lost two sentences: 43 words for 20.3 s; its neighbours 2.7-3.5 a second.
+    lost = " ".join(["word"] * 43)
+    assert says_too_little(lost, 20.3)
+    assert not says_too_little(" ".join(["word"] * 64), 20.3)
+    # Short turns (decoded behind the turn before) and silence are not for this rule.
+    assert not says_too_little("Yes.", 4.0)
+    assert not says_too_little("", 20.0)
+    assert not says_too_little("...", 20.0)
 
 
 def test_punctuation_alone_says_no_words() -> None:
@@ -385,3 +397,61 @@ def test_a_loop_on_the_fitted_window_is_decoded_again_on_30_s(
     (result,) = embedded_engine.transcribe([EngineRequest(phrase)])
     assert wrapper.windows[0] < FULL_WINDOW_FRAMES and FULL_WINDOW_FRAMES in wrapper.windows
     assert result.text == expected.text
+
+
+class _StopsBehindEarlierText:
+    """tiny.en's CTranslate2 model, except that a decode whose prompt holds the ``earlier``
+    tokens ends after its first words in one open segment, as long3's 20-s turn did behind
+    the call's earlier finals (docs/benchmarks.md)."""
+
+    def __init__(self, model: Any, stop: list[int], earlier: list[int]) -> None:
+        self._model = model
+        self._stop = stop
+        self.earlier = earlier
+        self.prompts: list[list[int]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def generate(self, features: Any, prompts: Any, **options: Any) -> Any:
+        prompt = list(prompts[0])
+        self.prompts.append(prompt)
+        n = len(self.earlier)
+        if any(prompt[i : i + n] == self.earlier for i in range(len(prompt))):
+            return [SimpleNamespace(sequences_ids=[self._stop], scores=[-0.2], no_speech_prob=0.01)]
+        return self._model.generate(features, prompts, **options)
+
+
+def test_a_final_that_stops_behind_the_earlier_text_is_decoded_again_without_it(
+    embedded_engine: Engine, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("needs espeak-ng (scripts/test.sh installs it)")
+    wav = tmp_path / "turn.wav"
+    make = [sys.executable, str(REPO / "bench/make_read_speech.py"), str(wav)]
+    subprocess.run(
+        [*make, "--sentences", "3", "--per-utterance", "3"], check=True, capture_output=True
+    )
+    turn = read_audio(wav)  # three sentences without a pause: one turn of 10-15 s
+    (alone,) = embedded_engine.transcribe([EngineRequest(turn)])
+    assert "listened to the rain" in normalise(alone.text), alone.text
+    whisper = embedded_engine._model  # type: ignore[attr-defined]
+    tokenizer = embedded_engine._tokenizer("en")  # type: ignore[attr-defined]
+    first_words = " The morning train left the station."
+    stop = [tokenizer.timestamp_begin, *tokenizer.encode(first_words), tokenizer.eot]
+    earlier = tokenizer.encode(" Hello there.")
+    wrapper = _StopsBehindEarlierText(whisper.model, stop, earlier)
+    monkeypatch.setattr(whisper, "model", wrapper)
+    # Too long to be decoded behind the turn before (BEFORE_MAX_S): only its text conditions it.
+    before = SpokenBefore(turn[: 16000 * 2], "Good morning.", earlier="Hello there.")
+    (final,) = embedded_engine.transcribe([EngineRequest(turn, before=before)])
+    assert final.text == alone.text
+    # The first decode, then the same without the earlier text (and its continuations).
+    assert tokenizer.sot_prev in wrapper.prompts[0] and tokenizer.sot_prev not in wrapper.prompts[1]
+
+    # A decode that says no more without the earlier text leaves the first standing.
+    wrapper.prompts.clear()
+    wrapper.earlier = [tokenizer.sot]  # every decode stops
+    (final,) = embedded_engine.transcribe([EngineRequest(turn, before=before)])
+    assert final.text == first_words.strip()
+    assert len(wrapper.prompts) == 2
