@@ -10,9 +10,9 @@ again on the full one. A live final is decoded behind the utterance before it wh
 call has one (``EngineRequest.before``: its audio first, its text forced as the first
 segment, and the finals before that as its prompt): tiny.en hears a short turn better
 after the one before it. A long final that says too few words for its length behind that
-prompt is decoded again without it. The decode itself follows faster-whisper's ``transcribe`` for one
-window (prompt, suppressed tokens, the no-speech rule), calling CTranslate2 directly
-because faster-whisper always pads to 30 s.
+prompt is decoded again without it. The decode itself follows faster-whisper's
+``transcribe`` for one window (prompt, suppressed tokens, the no-speech rule), calling
+CTranslate2 directly because faster-whisper always pads to 30 s.
 """
 
 from __future__ import annotations
