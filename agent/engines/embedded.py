@@ -176,7 +176,9 @@ class EmbeddedWhisperEngine(Engine):
                     said(result, seconds).text
                 )
 
-            result = self._generate(part, prompt, options, None if draft else in_doubt)
+            result = self._generate(
+                part, prompt, options, None if draft else in_doubt, silence=not draft
+            )
             spoken = said(result, duration_s)
             tokens = result.sequences_ids[0]
             # faster-whisper's rule: the score is the log-probability per token (length
@@ -224,7 +226,7 @@ class EmbeddedWhisperEngine(Engine):
         forced = [begin, *tokenizer.encode(" " + said), end_of_before]
         prompt = self._model.get_prompt(tokenizer, previous, without_timestamps=False) + forced
         # No 30-s retry: the no-speech score is the window's, and the context is speech.
-        result = self._generate(features, prompt, options, in_doubt=None)
+        result = self._generate(features, prompt, options, in_doubt=None, silence=True)
         tokens = result.sequences_ids[0]
         if tokens[: len(forced)] == forced:  # CTranslate2 returns the forced prefix too
             tokens = tokens[len(forced) :]
@@ -246,14 +248,18 @@ class EmbeddedWhisperEngine(Engine):
         prompt: list[int],
         options: dict[str, Any],
         in_doubt: Callable[[Any], bool] | None,
+        silence: bool,
     ) -> Any:
         """One decode; on the fitted window, again on the full one when ``in_doubt`` says
-        so of the fitted result (at most once: what the 30 s say stands)."""
+        so of the fitted result (at most once: what the 30 s say stands). ``silence``: the
+        fitted window is padded with silence rather than zeros (finals; the 30-s window
+        keeps the zeros its no-speech rule was measured on)."""
         import ctranslate2
 
         full_window = self._full_window
         while True:
-            window = ctranslate2.StorageView.from_array(fit_features(features, full_window)[None])
+            fitted = fit_features(features, full_window, silence=silence and not full_window)
+            window = ctranslate2.StorageView.from_array(fitted[None])
             result = self._model.model.generate(
                 window,
                 [prompt],

@@ -72,18 +72,30 @@ class Spoken:
 
 
 def fit_features(
-    features: npt.NDArray[np.float32], full_window: bool = False
+    features: npt.NDArray[np.float32], full_window: bool = False, silence: bool = False
 ) -> npt.NDArray[np.float32]:
-    """The encoder's input for ``features`` (n_mels × frames): padded with zeros, as
-    faster-whisper pads, to the frames plus ``PAD_FRAMES`` and at least
-    ``MIN_WINDOW_FRAMES`` (or to the full 30 s), never past 30 s."""
+    """The encoder's input for ``features`` (n_mels × frames): padded to the frames plus
+    ``PAD_FRAMES`` and at least ``MIN_WINDOW_FRAMES`` (or to the full 30 s), never past 30 s;
+    padded with zeros, as faster-whisper pads, or with ``silence``: the level digital
+    silence has in these features (``silence_level``)."""
     frames = features.shape[1]
     target = max(frames + PAD_FRAMES, MIN_WINDOW_FRAMES)
     if full_window or target > FULL_WINDOW_FRAMES:
         target = FULL_WINDOW_FRAMES
     if frames >= target:
         return np.ascontiguousarray(features[:, :target])
-    return np.ascontiguousarray(np.pad(features, ((0, 0), (0, target - frames))))
+    level = silence_level(features) if silence else 0.0
+    padding = ((0, 0), (0, target - frames))
+    return np.ascontiguousarray(np.pad(features, padding, constant_values=level))
+
+
+def silence_level(features: npt.NDArray[np.float32]) -> float:
+    """What zeros after the audio would be in ``features``: Whisper's log-mel floors every
+    value at 8 (log10) under the clip's maximum, then maps x to (x + 4) / 4, so silence is 2
+    under the maximum. faster-whisper's zeros are instead a mid-level sound to the model,
+    the same in every band; OpenAI's Whisper, which the model was trained with, pads the
+    audio itself, so its windows end in this floor."""
+    return float(features.max()) - 2.0 if features.size else 0.0
 
 
 def says_words(text: str) -> bool:
