@@ -7,7 +7,10 @@ transcript survives with three rules measured on read speech (docs/benchmarks.md
 
 - never under 10 s: on a 2- or 5-s window tiny.en often says a short phrase again and again
   inside one segment ("No matter. No matter. ..."), which nothing downstream can undo;
-- a second of padding after longer audio, so the model hears the utterance end;
+- a second of padding after longer audio, so the model hears the utterance end; for a
+  final, padding at the level of digital silence (``silence_level``), as the model was
+  trained, rather than faster-whisper's zeros: turn by turn that misheard fewer words,
+  most where a client's resampler had already cut the top of the band;
 - decode *with* timestamps and keep only segments that start inside the audio and move
   forward in time: on a short window the model may otherwise say the utterance twice (it
   "fills" the missing seconds), and a repeated segment starts past the end or jumps back.
