@@ -366,36 +366,37 @@ def test_a_turn_is_heard_better_behind_the_turn_before(
     assert "passport" not in said
 
 
-class _LoopOnTheWindow:
-    """tiny.en's CTranslate2 model, except that a decode on the windows ``loops_on``
-    selects comes back as a loop ("No no no ...", as long3 through Opus made on the fitted
-    window, docs/benchmarks.md): what the engine does with a loop, on the real model."""
+class _ScriptedModel:
+    """tiny.en's CTranslate2 model, recording every decode's encoder input and prompt; a
+    decode for which ``answer`` (the window, the prompt) gives tokens comes back as those
+    tokens instead: what the engine does with such a decode, on the real model."""
 
-    def __init__(self, model: Any, loop: list[int], loops_on: Callable[[int], bool]) -> None:
+    def __init__(self, model: Any, answer: Callable[[Any, list[int]], list[int] | None]) -> None:
         self._model = model
-        self._loop = loop
-        self._loops_on = loops_on
-        self.windows: list[int] = []
+        self.answer = answer
+        self.windows: list[npt.NDArray[np.float32]] = []
+        self.prompts: list[list[int]] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
 
     def generate(self, features: Any, prompts: Any, **options: Any) -> Any:
-        frames = int(features.shape[-1])
-        self.windows.append(frames)
-        if self._loops_on(frames):
-            return [SimpleNamespace(sequences_ids=[self._loop], scores=[-0.2], no_speech_prob=0.01)]
-        return self._model.generate(features, prompts, **options)
+        window, prompt = np.array(features)[0], list(prompts[0])
+        self.windows.append(window)
+        self.prompts.append(prompt)
+        tokens = self.answer(window, prompt)
+        if tokens is None:
+            return self._model.generate(features, prompts, **options)
+        return [SimpleNamespace(sequences_ids=[tokens], scores=[-0.2], no_speech_prob=0.01)]
 
 
-def _looping(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch, loops_on: Callable[[int], bool]
-) -> _LoopOnTheWindow:
+def _scripted(
+    engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    answer: Callable[[Any, list[int]], list[int] | None] = lambda window, prompt: None,
+) -> _ScriptedModel:
     whisper = engine._model  # type: ignore[attr-defined]
-    tokenizer = engine._tokenizer("en")  # type: ignore[attr-defined]
-    begin = tokenizer.timestamp_begin
-    loop = [begin, *tokenizer.encode(" No" + " no" * 60), begin + 200, tokenizer.eot]
-    wrapper = _LoopOnTheWindow(whisper.model, loop, loops_on)
+    wrapper = _ScriptedModel(whisper.model, answer)
     monkeypatch.setattr(whisper, "model", wrapper)
     return wrapper
 
@@ -409,35 +410,20 @@ def test_a_loop_on_the_fitted_window_is_decoded_again_on_30_s(
     phrase = beckett_audio[: int(16000 * 2.5)]
     (expected,) = full_window_engine.transcribe([EngineRequest(phrase)])
     assert says_words(expected.text)
-    wrapper = _looping(
-        embedded_engine, monkeypatch, loops_on=lambda frames: frames < FULL_WINDOW_FRAMES
+    # A decode on the fitted window comes back as a loop ("No no no ...", as long3 through
+    # Opus made there, docs/benchmarks.md).
+    tokenizer = embedded_engine._tokenizer("en")  # type: ignore[attr-defined]
+    begin = tokenizer.timestamp_begin
+    loop = [begin, *tokenizer.encode(" No" + " no" * 60), begin + 200, tokenizer.eot]
+    wrapper = _scripted(
+        embedded_engine,
+        monkeypatch,
+        lambda window, prompt: loop if window.shape[1] < FULL_WINDOW_FRAMES else None,
     )
     (result,) = embedded_engine.transcribe([EngineRequest(phrase)])
-    assert wrapper.windows[0] < FULL_WINDOW_FRAMES and FULL_WINDOW_FRAMES in wrapper.windows
+    frames = [window.shape[1] for window in wrapper.windows]
+    assert frames[0] < FULL_WINDOW_FRAMES and FULL_WINDOW_FRAMES in frames
     assert result.text == expected.text
-
-
-class _StopsBehindEarlierText:
-    """tiny.en's CTranslate2 model, except that a decode whose prompt holds the ``earlier``
-    tokens ends after its first words in one open segment, as long3's 20-s turn did behind
-    the call's earlier finals (docs/benchmarks.md)."""
-
-    def __init__(self, model: Any, stop: list[int], earlier: list[int]) -> None:
-        self._model = model
-        self._stop = stop
-        self.earlier = earlier
-        self.prompts: list[list[int]] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-    def generate(self, features: Any, prompts: Any, **options: Any) -> Any:
-        prompt = list(prompts[0])
-        self.prompts.append(prompt)
-        n = len(self.earlier)
-        if any(prompt[i : i + n] == self.earlier for i in range(len(prompt))):
-            return [SimpleNamespace(sequences_ids=[self._stop], scores=[-0.2], no_speech_prob=0.01)]
-        return self._model.generate(features, prompts, **options)
 
 
 def test_a_final_that_stops_behind_the_earlier_text_is_decoded_again_without_it(
@@ -453,13 +439,18 @@ def test_a_final_that_stops_behind_the_earlier_text_is_decoded_again_without_it(
     turn = read_audio(wav)  # three sentences without a pause: one turn of 10-15 s
     (alone,) = embedded_engine.transcribe([EngineRequest(turn)])
     assert "listened to the rain" in normalise(alone.text), alone.text
-    whisper = embedded_engine._model  # type: ignore[attr-defined]
     tokenizer = embedded_engine._tokenizer("en")  # type: ignore[attr-defined]
     first_words = " The morning train left the station."
     stop = [tokenizer.timestamp_begin, *tokenizer.encode(first_words), tokenizer.eot]
     earlier = tokenizer.encode(" Hello there.")
-    wrapper = _StopsBehindEarlierText(whisper.model, stop, earlier)
-    monkeypatch.setattr(whisper, "model", wrapper)
+
+    def stops_behind_earlier(window: Any, prompt: list[int]) -> list[int] | None:
+        # As long3's 20-s turn did behind the call's earlier finals: its first words in one
+        # open segment, then the end (docs/benchmarks.md).
+        n = len(earlier)
+        return stop if any(prompt[i : i + n] == earlier for i in range(len(prompt))) else None
+
+    wrapper = _scripted(embedded_engine, monkeypatch, stops_behind_earlier)
     # Too long to be decoded behind the turn before (BEFORE_MAX_S): only its text conditions it.
     before = SpokenBefore(turn[: 16000 * 2], "Good morning.", earlier="Hello there.")
     (final,) = embedded_engine.transcribe([EngineRequest(turn, before=before)])
@@ -469,25 +460,10 @@ def test_a_final_that_stops_behind_the_earlier_text_is_decoded_again_without_it(
 
     # A decode that says no more without the earlier text leaves the first standing.
     wrapper.prompts.clear()
-    wrapper.earlier = [tokenizer.sot]  # every decode stops
+    wrapper.answer = lambda window, prompt: stop  # every decode stops
     (final,) = embedded_engine.transcribe([EngineRequest(turn, before=before)])
     assert final.text == first_words.strip()
     assert len(wrapper.prompts) == 2
-
-
-class _Windows:
-    """tiny.en's CTranslate2 model, recording the encoder input of every decode."""
-
-    def __init__(self, model: Any) -> None:
-        self._model = model
-        self.windows: list[npt.NDArray[np.float32]] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-    def generate(self, features: Any, prompts: Any, **options: Any) -> Any:
-        self.windows.append(np.array(features)[0])
-        return self._model.generate(features, prompts, **options)
 
 
 def test_finals_end_in_silence_and_drafts_in_zeros(
@@ -499,10 +475,9 @@ def test_finals_end_in_silence_and_drafts_in_zeros(
     was trained (held's turns 140 -> 131 errors of 1604, and 156 -> 131 on the bytes a
     WebSocket client sends, docs/benchmarks.md); drafts keep faster-whisper's zeros, on
     which a 0.3-s start did not loop."""
-    whisper = embedded_engine._model  # type: ignore[attr-defined]
-    wrapper = _Windows(whisper.model)
-    monkeypatch.setattr(whisper, "model", wrapper)
+    wrapper = _scripted(embedded_engine, monkeypatch)
     phrase = beckett_audio[: int(16000 * 2.5)]
+    whisper = embedded_engine._model  # type: ignore[attr-defined]
     frames = whisper.feature_extractor(phrase).shape[1]
     (final,) = embedded_engine.transcribe([EngineRequest(phrase)])
     (draft,) = embedded_engine.transcribe([EngineRequest(phrase, draft=True)])
